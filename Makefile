@@ -1,0 +1,38 @@
+# The two commands a newcomer runs:
+#   make demo   the main job (for now: the kernel microbenchmark on whatever device is here)
+#   make test   the test suite
+# Both bootstrap a virtual environment in $(VENV) from nothing; when it already exists and
+# setup.py / constraints.txt did not change, the environment is left alone.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.epsdist-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all bench env clean-env
+
+env: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	# torch first: deepspeed's build needs it, and this pins the verified CUDA build
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m epsdist_kernels.bench
+
+bench: demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# includes the tests marked slow (end-to-end runs)
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS) tests
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,352 @@
+"""YAML -> nested dataclasses configuration.
+
+A config is a tree of dataclasses (the schema, ``EPSConfig`` below). A YAML file gives any
+subset of its keys; missing keys take the dataclass defaults. Every value is checked against
+its field annotation, and every error is a ``ConfigError`` naming the full dotted key path
+(``train.lr``), so a typo never silently trains with a default.
+
+Command-line overrides are ``key.sub=value`` strings. The value is parsed with
+``yaml.safe_load`` (``0.01`` -> float, ``true`` -> bool, ``[1,2]`` -> list, ``null`` -> None)
+and then checked like a YAML value. One exception: for a ``str`` field, a value YAML reads as
+a non-string scalar keeps its raw text, so ``run.name=001`` gives ``"001"``, not ``1``.
+Overriding a whole section (``loss={tau: 0.3}``) needs a mapping and merges it into the section.
+
+PyYAML follows YAML 1.1, which reads ``5e-4`` (no dot) as a string; float fields therefore also
+accept strings in that exponent form. Nothing else is coerced: ``1`` is not a bool, ``0.5`` is
+not an int, ``"3"`` is not an int.
+"""
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file, override or value is invalid; the message names the key path."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class RunConfig:
+    """Where and how often a run writes logs and checkpoints."""
+
+    dir: str = "runs/default"
+    name: str = "eps"
+    log_every: int = 20  # iterations between log lines / TensorBoard scalars
+    save_every: int = 1000  # iterations between checkpoints
+    keep_last: int = 3  # checkpoints kept on disk; older ones are deleted
+
+
+@dataclass
+class DataConfig:
+    """Shards to read and the augmentation that turns them into batches."""
+
+    train_shards: str = ""  # a directory holding *.tar shards and manifest.json
+    val_shards: str = ""
+    num_classes: int = 20  # foreground classes C (background is extra)
+    crop_size: int = 448
+    resize_long: tuple[int, int] = (256, 512)  # random long-side resize range, inclusive
+    num_workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """The classification backbone and its localization-map head."""
+
+    backbone: Literal["resnet38", "resnet50", "resnet101", "tiny"] = "resnet38"
+    weights: str = "none"  # path to ImageNet weights, or "none" for random init
+    output_stride: int = 8
+    eps_head: bool = True  # True: C+1 maps (EPS); False: C maps (CAM baseline)
+
+
+@dataclass
+class LossConfig:
+    """The EPS saliency loss and its kernel implementation."""
+
+    impl: Literal["auto", "torch", "triton"] = "auto"
+    tau: float = 0.4  # a labelled class whose saliency-overlap ratio is > tau is foreground
+    lam: float = 0.5  # blend of the foreground map vs 1 - background map (0.5 VOC, 0.9 COCO)
+    strategy: Literal["adaptive", "naive", "predefined"] = "adaptive"
+    bg_classes: list[int] = field(default_factory=list)  # background classes for "predefined"
+    saliency_weight: float = 1.0  # total loss = classification + saliency_weight * saliency
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule, precision and DeepSpeed ZeRO settings."""
+
+    max_iters: int = 20000
+    batch_size: int = 8  # per rank
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9  # lr = base_lr * (1 - it / max_iters) ** poly_power
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class EPSConfig:
+    """A full EPS training configuration."""
+
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every value outside its allowed range."""
+        errors = []
+
+        def need(ok, key, rule, value):
+            if not ok:
+                errors.append(f"config key '{key}' must be {rule}, got {value!r}")
+
+        need(0.0 <= self.loss.lam <= 1.0, "loss.lam", "in [0, 1]", self.loss.lam)
+        need(0.0 <= self.loss.tau <= 1.0, "loss.tau", "in [0, 1]", self.loss.tau)
+        need(self.train.batch_size >= 1, "train.batch_size", ">= 1", self.train.batch_size)
+        need(self.train.max_iters >= 1, "train.max_iters", ">= 1", self.train.max_iters)
+        need(self.train.grad_accum >= 1, "train.grad_accum", ">= 1", self.train.grad_accum)
+        need(self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3",
+             self.train.zero_stage)
+        need(self.data.num_classes >= 1, "data.num_classes", ">= 1", self.data.num_classes)
+        lo, hi = self.data.resize_long
+        need(lo <= hi, "data.resize_long", "[lo, hi] with lo <= hi", list(self.data.resize_long))
+        for i, c in enumerate(self.loss.bg_classes):
+            need(0 <= c < self.data.num_classes, f"loss.bg_classes[{i}]",
+                 f"a class index in [0, data.num_classes={self.data.num_classes})", c)
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+
+# ----------------------------------------------------------------------------- checking
+
+_EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # "5e-4", which YAML 1.1 reads as str
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _fail(path, tp, value):
+    raise ConfigError(f"config key '{path}' expects {_type_name(tp)}, "
+                      f"got {value!r} ({type(value).__name__})")
+
+
+def _check(tp, value, path):
+    """Return ``value`` checked (and lightly converted) against annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):  # Optional[X] is Union[X, None]
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(arg, value, path)
+            except ConfigError:
+                pass
+        _fail(path, tp, value)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"config key '{path}' must be one of "
+                          f"{', '.join(repr(a) for a in args)}; got {value!r}")
+    if tp is bool:
+        return value if type(value) is bool else _fail(path, tp, value)
+    if tp is int:
+        return value if type(value) is int else _fail(path, tp, value)
+    if tp is float:
+        if type(value) in (int, float):
+            return float(value)
+        if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+            return float(value)
+        _fail(path, tp, value)
+    if tp is str:
+        return value if isinstance(value, str) else _fail(path, tp, value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, tp, value)
+        return [_check(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, tp, value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise ConfigError(f"config key '{path}' expects {len(args)} items "
+                              f"({_type_name(tp)}), got {len(value)}: {value!r}")
+        return tuple(_check(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    raise ConfigError(f"config key '{path}': unsupported annotation {_type_name(tp)}")
+
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def _unknown_key(cls, path, key):
+    known = [f.name for f in dataclasses.fields(cls)]
+    where = f"in '{path}'" if path else "at top level"
+    msg = f"unknown config key '{_join(path, key)}' (known keys {where}: {', '.join(known)})"
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return ConfigError(msg + (f"; did you mean '{_join(path, close[0])}'?" if close else ""))
+
+
+def from_dict(cls, data, path=""):
+    """Build dataclass ``cls`` from a mapping; missing keys take defaults, unknown keys fail."""
+    if not isinstance(data, dict):
+        where = f"config section '{path}'" if path else "config"
+        raise ConfigError(f"{where} must be a mapping, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, path, key)
+        kwargs[key] = _check(hints[key], value, _join(path, key))
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _apply_override(cls, data: dict, text: str) -> None:
+    """Apply one ``a.b.c=value`` override to the raw mapping ``data`` (checked against ``cls``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"bad override {text!r}: expected the form key.sub=value")
+    parts = key.split(".")
+    node, node_cls = data, cls
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if part not in {f.name for f in dataclasses.fields(node_cls)}:
+            raise _unknown_key(node_cls, ".".join(parts[:i]), part)
+        tp = typing.get_type_hints(node_cls)[part]
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"bad override {text!r}: '{path}' is a value, not a section")
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config section '{path}' must be a mapping, got {child!r}")
+            node, node_cls = child, tp
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override {text!r}: value is not valid YAML: {e}") from None
+    is_union = typing.get_origin(tp) in (Union, types.UnionType)
+    accepts_str = tp is str or (is_union and str in typing.get_args(tp))
+    if accepts_str and not isinstance(value, (str, list, dict)):
+        if not (value is None and type(None) in typing.get_args(tp)):
+            value = raw.strip()  # run.name=001 stays "001"
+    if dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+        raise ConfigError(f"bad override {text!r}: '{key}' is a section; give a mapping "
+                          f"like {key}={{name: value}} or set single keys like {key}.name=value")
+    try:
+        _check(tp, value, key)
+    except ConfigError as e:
+        raise ConfigError(f"in override {text!r}: {e}") from None
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        node[parts[-1]].update(value)  # section override merges into the file's section
+    else:
+        node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- load / save
+
+
+def load_config(path=None, overrides=(), cls=EPSConfig):
+    """Read YAML ``path`` (None: defaults only), apply ``key=value`` overrides, validate."""
+    data = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if data is None:  # an empty file means "all defaults"
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at top level, "
+                              f"got {type(data).__name__}")
+    for text in overrides:
+        _apply_override(cls, data, text)
+    try:
+        cfg = from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"in config file '{path}': {e}" if path is not None else str(e)) from None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(obj):
+    """Plain Python types (dicts, lists, scalars) for a dataclass tree; tuples become lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(obj) -> str:
+    """The config as YAML text, keys in schema order."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
+
+
+def save_config(obj, path) -> None:
+    """Write the config as YAML atomically: temp file in the same directory, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(dump_yaml(obj))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------- argparse
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config PATH`` and positional ``key=value`` overrides to ``parser``."""
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                        help="override config keys, e.g. train.lr=0.02 loss.bg_classes=[0,14]")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, cls=EPSConfig):
+    """The config named by parsed ``--config`` and ``overrides`` arguments."""
+    return load_config(args.config, args.overrides, cls)
