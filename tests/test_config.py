@@ -380,3 +380,13 @@ def test_argparse_helpers(tmp_path):
 
     with pytest.raises(ConfigError, match="key.sub=value"):
         config_from_args(parser.parse_args(["oops"]))
+
+
+def test_every_shipped_recipe_loads():
+    import glob
+    from epsdist.config import load_config
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert paths, "configs/ holds no recipe"
+    for path in paths:
+        cfg = load_config(path)
+        assert 0 <= cfg.loss.lam <= 1 and cfg.data.num_classes >= 1

@@ -1,0 +1,127 @@
+"""Decode + augment throughput of the training loader on VOC-sized JPEGs.
+
+    python -m epsdist.data.bench [--num 200] [--crop 448] [--resize 256 512] [--workers 0,1,2]
+                                 [--json FILE]
+
+Writes ``--num`` photo-like 500x375 JPEGs (~quality 90, like VOC's) with saliency PNGs into
+temporary shards, then measures
+  * ``per-core``: decode + augment of one sample at a time in this process (one thread), the
+    figure the loader's per-worker rate is bounded by;
+  * ``loader wN``: the whole ShardLoader (tar reading, shuffle buffer, decode, augment,
+    batching of 8) with N DataLoader workers, samples/s, after one warm-up epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from .augment import TrainAugment
+from .loader import ShardLoader, decode_sample
+from .manifest import FORMAT, sha256_file, write_manifest
+
+
+def photo_like(rng: np.random.Generator, h: int = 375, w: int = 500) -> np.ndarray:
+    """Smooth colour fields plus texture: compresses like a photo (~60-120 KB at q90)."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.zeros((h, w, 3))
+    for c in range(3):
+        a, b, f = rng.uniform(0, 1, 3)
+        img[..., c] = 128 + 80 * np.sin(6 * f * xx + 4 * a * yy + 3 * b)
+    img += rng.normal(0, 18, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_bench_shards(directory: str, num: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    name = "bench-000000.tar"
+    path = os.path.join(directory, name)
+    with wds.TarWriter(path) as sink:
+        for i in range(num):
+            img = io.BytesIO()
+            Image.fromarray(photo_like(rng)).save(img, format="JPEG", quality=90)
+            sal = io.BytesIO()
+            Image.fromarray((rng.random((375, 500)) > 0.7).astype(np.uint8) * 255).save(
+                sal, format="PNG")
+            labels = [int(x) for x in rng.random(20) < 0.1]
+            sink.write({"__key__": f"b{i:05d}", "jpg": img.getvalue(),
+                        "sal.png": sal.getvalue(), "cls.json": json.dumps(labels).encode()})
+    write_manifest(directory, {"format": FORMAT, "source": "bench", "split": "bench",
+                               "classes": [f"c{i}" for i in range(20)], "num_samples": num,
+                               "shards": [{"name": name, "count": num,
+                                           "sha256": sha256_file(path)}], "skipped": {}})
+
+
+def per_core_rate(directory: str, augment: TrainAugment, reps: int = 3) -> float:
+    """Samples/s decoding and augmenting one sample at a time, one thread."""
+    samples = {}
+    with tarfile.open(os.path.join(directory, "bench-000000.tar")) as tar:
+        for m in tar:
+            key, field = wds.tariterators.base_plus_ext(m.name)
+            samples.setdefault(key, {"__key__": key})[field] = tar.extractfile(m).read()
+    raw = list(samples.values())
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for s in raw:
+            decode_sample(s, 20, augment, seed=0, epoch=0)
+        rates.append(len(raw) / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def loader_rate(directory: str, augment: TrainAugment, workers: int) -> float:
+    loader = ShardLoader(directory, batch_size=8, num_workers=workers, augment=augment,
+                         shuffle_buffer=64)
+    for _ in loader:                                     # warm-up epoch (page cache, workers)
+        pass
+    t0 = time.perf_counter()
+    n = sum(len(b.keys) for b in loader)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num", type=int, default=200, help="number of 500x375 JPEGs")
+    ap.add_argument("--crop", type=int, default=448)
+    ap.add_argument("--resize", type=int, nargs=2, default=(256, 512), metavar=("LO", "HI"))
+    ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
+    ap.add_argument("--json", help="write the results to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    augment = TrainAugment(resize_long=tuple(args.resize), crop_size=args.crop)
+    results = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "num": args.num, "crop": args.crop,
+               "resize_long": list(args.resize), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_bench_shards(tmp, args.num)
+        kb = os.path.getsize(os.path.join(tmp, "bench-000000.tar")) / args.num / 1024
+        print(f"{args.num} samples of 500x375 JPEG + PNG saliency ({kb:.0f} KB/sample), "
+              f"crop {args.crop}, resize long side {args.resize[0]}..{args.resize[1]}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__}")
+        rate = per_core_rate(tmp, augment)
+        results["rows"].append({"what": "per-core", "samples_per_s": rate})
+        print(f"  {'per-core decode+augment':28s} {rate:8.1f} samples/s")
+        for w in [int(x) for x in args.workers.split(",")]:
+            rate = loader_rate(tmp, augment, w)
+            results["rows"].append({"what": f"loader w{w}", "samples_per_s": rate})
+            print(f"  {f'ShardLoader, {w} workers':28s} {rate:8.1f} samples/s")
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
