@@ -45,6 +45,8 @@ class RunConfig:
     log_every: int = 20  # iterations between log lines / TensorBoard scalars
     save_every: int = 1000  # iterations between checkpoints
     keep_last: int = 3  # checkpoints kept on disk; older ones are deleted
+    panel_every: int = 500  # iterations between TensorBoard image panels; 0 disables them
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this (dead rank) fails
 
 
 @dataclass
@@ -57,6 +59,7 @@ class DataConfig:
     crop_size: int = 448
     resize_long: tuple[int, int] = (256, 512)  # random long-side resize range, inclusive
     num_workers: int = 2
+    shuffle_buffer: int = 256  # raw samples shuffled per loader worker
 
 
 @dataclass
@@ -95,6 +98,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run or skip the step
+    channels_last: bool = True  # on CUDA: channels_last activations
+    compile: bool = False  # torch.compile the model
 
 
 @dataclass
@@ -124,6 +130,16 @@ class EPSConfig:
         need(self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3",
              self.train.zero_stage)
         need(self.data.num_classes >= 1, "data.num_classes", ">= 1", self.data.num_classes)
+        need(self.data.crop_size >= 8, "data.crop_size", ">= 8", self.data.crop_size)
+        need(self.data.num_workers >= 0, "data.num_workers", ">= 0", self.data.num_workers)
+        need(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.data.shuffle_buffer)
+        need(self.train.lr > 0, "train.lr", "> 0", self.train.lr)
+        need(self.run.log_every >= 1, "run.log_every", ">= 1", self.run.log_every)
+        need(self.run.save_every >= 1, "run.save_every", ">= 1", self.run.save_every)
+        need(self.run.keep_last >= 1, "run.keep_last", ">= 1", self.run.keep_last)
+        need(self.run.dist_timeout_s > 0, "run.dist_timeout_s", "> 0", self.run.dist_timeout_s)
+        need(self.loss.strategy != "predefined" or self.loss.bg_classes, "loss.bg_classes",
+             "a non-empty class list when loss.strategy is 'predefined'", self.loss.bg_classes)
         lo, hi = self.data.resize_long
         need(lo <= hi, "data.resize_long", "[lo, hi] with lo <= hi", list(self.data.resize_long))
         for i, c in enumerate(self.loss.bg_classes):

@@ -27,6 +27,7 @@ Empty (uninitialised) arrays carry no data and are left out of the returned dict
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -136,7 +137,7 @@ def _read_array(r: _Reader, i: int):
         r.fail(f"{what} has unsupported dtype flag {flag} (supported: 0 float32, 1 float64, "
                f"2 float16, 3 uint8, 4 int32, 5 int8, 6 int64, 7 bool)")
     dtype = _DTYPES[flag]
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # exact (Python ints): corrupt dims cannot overflow
     if count * dtype.itemsize > r.remaining():
         r.fail(f"truncated: {what} of shape {tuple(shape)} ({dtype}) needs "
                f"{count * dtype.itemsize} bytes at offset {r.f.tell()}, but only "
@@ -195,7 +196,7 @@ def _as_numpy(name, value) -> np.ndarray:
     if arr.dtype.newbyteorder("<") not in _FLAGS:
         raise ValueError(f"save_mxnet_params: array {name!r} has dtype {arr.dtype}, which "
                          f"MXNet files cannot hold here (float32/64/16, uint8, int8/32/64, bool)")
-    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)  # keeps 0-d
 
 
 def save_mxnet_params(path, arrays: Mapping[str, object], *, version: str = "v2") -> None:

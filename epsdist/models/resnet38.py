@@ -170,9 +170,10 @@ class ResNet38(nn.Module):
 
 def read_torch_state_dict(path) -> dict:
     """A state dict from a torch checkpoint file: a bare state dict, or one wrapped in
-    ``{"state_dict": ...}`` / ``{"model": ...}``; a DataParallel ``module.`` prefix is removed."""
+    ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"module": ...}`` (DeepSpeed); a
+    DataParallel ``module.`` prefix is removed."""
     obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
+    for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break

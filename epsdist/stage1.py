@@ -1,0 +1,265 @@
+"""Stage 1 (the EPS classifier) as named steps; ``epsdist/train.py`` strings them together.
+
+check_config -> build_loader -> build_model -> build_engine (SGD with the authors' four
+parameter groups, DeepSpeed config generated from the YAML) -> per iteration: set_lr,
+train_step (forward, losses, a collective NaN check, backward, step) -> log / panels /
+checkpoints -> export.
+
+Losses: ``multilabel_soft_margin_loss(gap(cam)[:, :C], y)`` plus, for EPS models,
+``loss.saliency_weight * eps_loss(cam, saliency, y)``; the CAM baseline (``model.eps_head:
+false``) trains the classification term alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import dist as D
+from .config import ConfigError, EPSConfig
+from .data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
+from .data.loader import ShardLoader
+from .data.manifest import ManifestError, read_manifest
+from .loss import classification_loss, eps_loss
+
+log = logging.getLogger("epsdist.train")
+
+
+# ------------------------------------------------------------------------------ checks
+
+def check_config(cfg: EPSConfig) -> dict:
+    """Everything that can be checked before a process group starts; returns the manifest."""
+    if not cfg.data.train_shards:
+        raise ConfigError("config key 'data.train_shards' is empty: give the shard directory "
+                          "written by `python -m epsdist.data.shard`")
+    try:
+        manifest = read_manifest(cfg.data.train_shards)
+    except ManifestError as e:
+        raise ConfigError(f"config key 'data.train_shards': {e}") from None
+    if len(manifest["classes"]) != cfg.data.num_classes:
+        raise ConfigError(f"config key 'data.num_classes' is {cfg.data.num_classes} but the "
+                          f"shards in {cfg.data.train_shards} have {len(manifest['classes'])} "
+                          f"classes")
+    if cfg.model.weights != "none" and not os.path.isfile(cfg.model.weights):
+        raise ConfigError(f"config key 'model.weights': no file {cfg.model.weights!r} (give "
+                          f"the path of the ImageNet weights, or 'none' to train from scratch)")
+    return manifest
+
+
+# ------------------------------------------------------------------------------ build
+
+def build_loader(cfg: EPSConfig, info: D.DistInfo) -> ShardLoader:
+    augment = TrainAugment(resize_long=tuple(cfg.data.resize_long), crop_size=cfg.data.crop_size)
+    return ShardLoader(cfg.data.train_shards, batch_size=cfg.train.batch_size, rank=info.rank,
+                       world_size=info.world_size, num_workers=cfg.data.num_workers,
+                       seed=cfg.seed, augment=augment, shuffle_buffer=cfg.data.shuffle_buffer,
+                       device=info.device)
+
+
+def precision(cfg: EPSConfig, info: D.DistInfo) -> str:
+    """The precision actually used: bf16/fp16 need CUDA, the CPU path runs fp32."""
+    if info.device.type != "cuda" and cfg.train.precision != "fp32":
+        return "fp32"
+    return cfg.train.precision
+
+
+def deepspeed_config(cfg: EPSConfig, info: D.DistInfo) -> dict:
+    """The DeepSpeed config, generated from the YAML (never kept by hand beside it).
+
+    bf16 runs as autocast over float32 weights (the step does it); fp16 uses DeepSpeed's
+    fp16 mode with dynamic loss scaling; ZeRO stages 0-2 partition optimizer state/gradients.
+    """
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * info.world_size,
+        "zero_optimization": {"stage": t.zero_stage},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision(cfg, info) == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if t.grad_clip > 0:
+        ds["gradient_clipping"] = t.grad_clip
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: EPSConfig) -> torch.optim.SGD:
+    """SGD with the authors' four groups: backbone weights 1x lr (+wd), backbone biases 2x,
+    head weights 10x (+wd), head biases 20x."""
+    from .models import param_groups
+    groups = []
+    for g in param_groups(model):
+        if g["params"]:
+            groups.append({"params": g["params"], "lr_mult": g["lr_mult"], "name": g["name"],
+                           "lr": cfg.train.lr * g["lr_mult"],
+                           "weight_decay": cfg.train.weight_decay if g["weight_decay_on"] else 0.0})
+    return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+
+
+def build_engine(model: torch.nn.Module, cfg: EPSConfig, info: D.DistInfo):
+    import deepspeed
+    model = model.to(info.device)
+    if info.device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, info))
+    return engine
+
+
+def poly_lr(base: float, iteration: int, max_iters: int, power: float) -> float:
+    return base * (1 - iteration / max_iters) ** power
+
+
+def set_lr(engine, cfg: EPSConfig, iteration: int) -> float:
+    lr = poly_lr(cfg.train.lr, iteration, cfg.train.max_iters, cfg.train.poly_power)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    return lr
+
+
+# ------------------------------------------------------------------------------ step
+
+@dataclass
+class StepResult:
+    loss_cls: float
+    loss_sal: float
+    finite: bool
+    cam: torch.Tensor | None = None          # detached logits, for panels
+
+
+def forward_losses(engine, batch, cfg: EPSConfig, info: D.DistInfo):
+    """(cam, loss_cls, loss_sal) for one batch; loss_sal is 0 for the CAM baseline."""
+    image = batch.image
+    if info.device.type == "cuda" and cfg.train.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    autocast = precision(cfg, info) == "bf16"
+    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
+        cam = engine(image)
+    loss_cls = classification_loss(cam, batch.labels)
+    if cfg.model.eps_head:
+        loss_sal = eps_loss(cam, batch.saliency, batch.labels, tau=cfg.loss.tau,
+                            lam=cfg.loss.lam, strategy=cfg.loss.strategy,
+                            bg_classes=cfg.loss.bg_classes, impl=cfg.loss.impl,
+                            check_inputs=False)
+    else:
+        loss_sal = torch.zeros((), device=cam.device)
+    return cam, loss_cls, loss_sal
+
+
+def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo) -> StepResult:
+    """Forward, a collective finiteness check (every rank takes the same branch, so a NaN on
+    one rank can neither hang nor desynchronise the others), backward, optimizer step."""
+    cam, loss_cls, loss_sal = forward_losses(engine, batch, cfg, info)
+    loss = loss_cls + cfg.loss.saliency_weight * loss_sal
+    stats = torch.stack([loss_cls.detach(), loss_sal.detach(),
+                         (~torch.isfinite(loss.detach())).float()]).float()
+    D.all_reduce_sum(stats)
+    loss_cls_mean, loss_sal_mean, bad = (stats / torch.tensor(
+        [info.world_size, info.world_size, 1.0], device=stats.device)).tolist()
+    finite = bad == 0
+    if finite:
+        engine.backward(loss)
+        engine.step()
+    return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach())
+
+
+# ------------------------------------------------------------------------------ panels
+
+def panel(batch, cam: torch.Tensor, cfg: EPSConfig) -> torch.Tensor:
+    """A (3, H, W) grid for the first image: input | saliency | fg | bg | predicted saliency |
+    CAM of the top class (each map upsampled to the crop size)."""
+    import torch.nn.functional as F
+    from torchvision.utils import make_grid
+    with torch.no_grad():
+        cam = cam[:1].float()
+        image = batch.image[:1].float()
+        size = image.shape[2:]
+        mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
+        tiles = [(image * std + mean).clamp(0, 1)]
+
+        def gray(m):
+            m = F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
+            return m.clamp(0, 1).expand(-1, 3, -1, -1)
+
+        tiles.append(gray(batch.saliency[:1]))
+        if cfg.model.eps_head:
+            _, maps = eps_loss(cam, batch.saliency[:1], batch.labels[:1], tau=cfg.loss.tau,
+                               lam=cfg.loss.lam, strategy=cfg.loss.strategy,
+                               bg_classes=cfg.loss.bg_classes, impl="torch",
+                               return_maps=True, check_inputs=False)
+            tiles += [gray(maps.fg), gray(maps.bg), gray(maps.pred)]
+        C = batch.labels.shape[1]
+        top = int(cam.mean(dim=(2, 3))[0, :C].argmax())
+        act = torch.relu(cam[:, top:top + 1])
+        tiles.append(gray(act / (act.max() + 1e-5)))
+        return make_grid(torch.cat(tiles), nrow=len(tiles), padding=2)
+
+
+# ------------------------------------------------------------------------------ logging
+
+class RunLogger:
+    """Rank 0: a console line every ``run.log_every`` iterations, TensorBoard scalars, and the
+    same numbers as JSON lines in ``run.dir/metrics.jsonl`` (appended; after a resume, a later
+    line for an iteration supersedes an earlier one)."""
+
+    def __init__(self, run_dir: str, info: D.DistInfo, cfg: EPSConfig, start: int):
+        self.info, self.cfg = info, cfg
+        self.writer = self.jsonl = None
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.window_start, self.window_iters, self.wait = time.perf_counter(), 0, 0.0
+        self.start = start
+
+    def step(self, it: int, result: StepResult, lr: float, data_wait: float) -> None:
+        self.window_iters += 1
+        self.wait += data_wait
+        last = it + 1 == self.cfg.train.max_iters
+        if not ((it + 1) % self.cfg.run.log_every == 0 or last):
+            return
+        elapsed = time.perf_counter() - self.window_start
+        imgs = self.window_iters * self.cfg.train.batch_size * self.info.world_size
+        rate = imgs / max(elapsed, 1e-9)
+        wait = self.wait / max(elapsed, 1e-9)
+        eta = (self.cfg.train.max_iters - it - 1) * elapsed / self.window_iters
+        total = result.loss_cls + self.cfg.loss.saliency_weight * result.loss_sal
+        if self.info.is_main:
+            scalars = {"loss/cls": result.loss_cls, "loss/sal": result.loss_sal,
+                       "loss/total": total, "lr": lr, "speed/img_per_s": rate,
+                       "speed/data_wait_frac": wait}
+            if self.info.device.type == "cuda":
+                scalars["mem/gpu_max_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, it + 1)
+            self.jsonl.write(json.dumps({"iteration": it + 1, **scalars}) + "\n")
+            print(f"it {it + 1:>7}/{self.cfg.train.max_iters} | loss {total:.4f} "
+                  f"(cls {result.loss_cls:.4f} sal {result.loss_sal:.4f}) | lr {lr:.2e} | "
+                  f"{rate:7.1f} img/s | data {100 * wait:4.1f}% | "
+                  f"ETA {_duration(eta)}", flush=True)
+        self.window_start, self.window_iters, self.wait = time.perf_counter(), 0, 0.0
+
+    def image(self, tag: str, grid: torch.Tensor, it: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, grid.cpu(), it)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,219 @@
+"""Stage-1 trainer: two CPU ranks through the real `deepspeed` launcher (gloo), resume equality,
+data-parallel equivalence, config errors before any process group, checkpoint atomicity,
+launcher environments and the dead-rank timeout."""
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from epsdist import dist as D
+from epsdist.checkpoint import Checkpointer
+from epsdist.config import ConfigError, load_config
+from epsdist.data import shard, synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "epsdist", "train.py")
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, cwd, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def deepspeed_train(tmp, *overrides, extra=()):
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--config", os.path.join(REPO, "configs", "synthetic_eps.yaml"),
+           *extra, *overrides]
+    return run(cmd, cwd=tmp)
+
+
+def metrics(run_dir):
+    """iteration -> (loss_cls, loss_sal), the last line winning (see RunLogger)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            m = json.loads(line)
+            out[m["iteration"]] = (m["loss/cls"], m["loss/sal"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    synthetic.generate(str(root / "data"), 160, 0, seed=0, size=96, workers=1, progress=False)
+    summary = shard.shard_voc(str(root / "data"), str(root / "data" / "saliency"),
+                              str(root / "shards"), split="train", shard_size=40,
+                              log=lambda *a: None)
+    assert summary["exit_code"] == 0
+    return root
+
+
+N = 12
+COMMON = ("data.train_shards=shards", "data.crop_size=64", "data.resize_long=[64,96]",
+          "run.log_every=1", f"run.save_every={N}", "run.panel_every=5", "train.batch_size=4")
+
+
+def test_two_ranks_resume_equals_uninterrupted_and_loss_decreases(shards):
+    full = deepspeed_train(shards, *COMMON, "run.dir=runs/full", f"train.max_iters={2 * N}")
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    crashed = deepspeed_train(shards, *COMMON, "run.dir=runs/resumed",
+                              f"train.max_iters={2 * N}", extra=("--stop-after", str(N)))
+    assert crashed.returncode != 0
+    assert not os.path.exists(shards / "runs/resumed/export/model.pt")
+    resumed = deepspeed_train(shards, *COMMON, "run.dir=runs/resumed",
+                              f"train.max_iters={2 * N}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"at iteration {N}" in resumed.stdout
+
+    a, b = metrics(shards / "runs/full"), metrics(shards / "runs/resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 2 * N + 1))
+    for it in a:
+        assert a[it] == pytest.approx(b[it], rel=1e-5, abs=1e-7), it
+    total = [a[i][0] + a[i][1] for i in sorted(a)]
+    assert sum(total[-4:]) < sum(total[:4])                 # it learns
+
+    run_dir = shards / "runs/full"
+    export = torch.load(run_dir / "export/model.pt", weights_only=False)
+    assert export["num_maps"] == 5 and export["classes"] == list(synthetic.CLASSES)
+    assert export["config"]["train"]["max_iters"] == 2 * N
+    ckpts = sorted(p for p in os.listdir(run_dir / "checkpoints") if p.startswith("iter_"))
+    assert ckpts == [f"iter_{N:08d}", f"iter_{2 * N:08d}"]
+    assert (run_dir / "checkpoints/latest").read_text().strip() == ckpts[-1]
+    assert load_config(str(run_dir / "config.yaml")).train.max_iters == 2 * N
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir / "tb"))
+
+
+def test_data_parallel_equals_one_rank_with_the_whole_batch(tmp_path):
+    script = os.path.join(REPO, "tests", "scripts", "dp_step.py")
+    two = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script,
+               str(tmp_path / "two.pt")], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([sys.executable, script, str(tmp_path / "one.pt")], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_size=0", "train.batch_size"),
+    ("loss.tau=1.5", "loss.tau"),
+    ("data.train_shards=nowhere", "data.train_shards"),
+    ("data.train_shards=", "data.train_shards"),
+    ("data.num_classes=20", "data.num_classes"),
+    ("model.weights=missing.params", "model.weights"),
+    ("trian.lr=0.1", "trian"),
+])
+def test_config_errors_before_any_process_group(shards, override, message, monkeypatch):
+    from epsdist import train
+    monkeypatch.chdir(shards)
+    with pytest.raises(ConfigError, match=message):
+        train.main(["--config", os.path.join(REPO, "configs", "synthetic_eps.yaml"),
+                    "data.train_shards=shards", override])
+    assert not torch.distributed.is_initialized()
+
+
+# ------------------------------------------------------------------------------ units
+
+class FakeEngine:
+    """Writes and reads one file like DeepSpeed's engine; can fail half-way."""
+
+    def __init__(self, fail=False):
+        self.fail, self.value = fail, None
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save(client_state, os.path.join(save_dir, tag, "model.pt"))
+        if self.fail:
+            raise OSError("disk full")
+
+    def load_checkpoint(self, root, tag):
+        return root, torch.load(os.path.join(root, tag, "model.pt"))
+
+
+def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
+    info = D.DistInfo(0, 0, 1, "gloo", torch.device("cpu"), "single")
+    ck = Checkpointer(str(tmp_path), info, keep_last=2)
+    assert ck.resolve("auto") is None
+    for it in (10, 20, 30):
+        ck.save(FakeEngine(), it, {"iteration": it}, {"rng": it})
+    assert sorted(os.listdir(tmp_path)) == [".partial", "iter_00000020", "iter_00000030", "latest"]
+    with pytest.raises(OSError):
+        ck.save(FakeEngine(fail=True), 40, {"iteration": 40}, {"rng": 40})
+    assert ck.latest() == str(tmp_path / "iter_00000030")     # the crash left latest intact
+    assert not (tmp_path / "iter_00000040").exists()
+    client, rank_state = ck.load(FakeEngine(), ck.resolve("auto"))
+    assert client == {"iteration": 30} and rank_state == {"rng": 30}
+    assert ck.resolve("none") is None
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        ck.resolve(str(tmp_path / "elsewhere"))
+
+
+def test_launcher_env_from_deepspeed_torchrun_slurm_and_single():
+    env, how = D.launcher_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                               "MASTER_ADDR": "h1", "MASTER_PORT": "1234"})
+    assert how == "env" and env["RANK"] == "3" and env["MASTER_ADDR"] == "h1"
+    env, how = D.launcher_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+                               "SLURM_JOB_NODELIST": "gpu[07-09,12],cpu1", "SLURM_JOB_ID": "4321"})
+    assert how == "slurm"
+    assert env == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu07",
+                   "MASTER_PORT": str(29500 + 4321)}
+    env, how = D.launcher_env({})
+    assert how == "single" and env["WORLD_SIZE"] == "1"
+    assert D.first_slurm_host("node001") == "node001"
+    assert D.first_slurm_host("a-b[3,5-6]") == "a-b3"
+
+
+def test_deepspeed_config_is_generated_from_the_yaml():
+    from epsdist.stage1 import deepspeed_config
+    cfg = load_config(None, ["train.batch_size=4", "train.grad_accum=2", "train.zero_stage=2",
+                             "train.grad_clip=1.0", "train.precision=fp16"])
+    cpu = D.DistInfo(0, 0, 4, "gloo", torch.device("cpu"), "env")
+    ds = deepspeed_config(cfg, cpu)
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
+    assert "fp16" not in ds                                 # no fp16 without CUDA
+    gpu = D.DistInfo(0, 0, 4, "nccl", torch.device("cuda", 0), "env")
+    assert deepspeed_config(cfg, gpu)["fp16"]["enabled"] is True
+
+
+def _rank_main(rank, port, result):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.setup(timeout_s=5)
+    if rank == 1:
+        os._exit(0)                                         # dies without a word
+    t0 = time.time()
+    try:
+        D.all_reduce_sum(torch.ones(1))
+        result.put(("no error", time.time() - t0))
+    except Exception as e:                                  # noqa: BLE001
+        result.put((type(e).__name__, time.time() - t0))
+
+
+def test_dead_rank_makes_the_others_fail_instead_of_hanging():
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, result)) for r in range(2)]
+    for p in procs:
+        p.start()
+    outcome, seconds = result.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    assert outcome != "no error" and seconds < 60
