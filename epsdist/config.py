@@ -104,6 +104,16 @@ class TrainConfig:
 
 
 @dataclass
+class InferConfig:
+    """Pseudo-mask inference (epsdist/infer.py): multi-scale + flip CAMs -> masks."""
+
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    flip: bool = True  # also run each scale horizontally flipped
+    bg_threshold: float = 0.2  # background score against the max-normalised class maps
+    impl: Literal["auto", "torch", "triton"] = "auto"  # CAM post-processing kernel
+
+
+@dataclass
 class EPSConfig:
     """A full EPS training configuration."""
 
@@ -113,6 +123,7 @@ class EPSConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     def validate(self) -> None:
         """Raise ConfigError listing every value outside its allowed range."""
@@ -140,6 +151,10 @@ class EPSConfig:
         need(self.run.dist_timeout_s > 0, "run.dist_timeout_s", "> 0", self.run.dist_timeout_s)
         need(self.loss.strategy != "predefined" or self.loss.bg_classes, "loss.bg_classes",
              "a non-empty class list when loss.strategy is 'predefined'", self.loss.bg_classes)
+        need(len(self.infer.scales) > 0 and all(s > 0 for s in self.infer.scales),
+             "infer.scales", "a non-empty list of positive scales", list(self.infer.scales))
+        need(0.0 <= self.infer.bg_threshold <= 1.0, "infer.bg_threshold", "in [0, 1]",
+             self.infer.bg_threshold)
         lo, hi = self.data.resize_long
         need(lo <= hi, "data.resize_long", "[lo, hi] with lo <= hi", list(self.data.resize_long))
         for i, c in enumerate(self.loss.bg_classes):

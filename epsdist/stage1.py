@@ -111,6 +111,8 @@ def build_engine(model: torch.nn.Module, cfg: EPSConfig, info: D.DistInfo):
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, info))
+    if cfg.train.compile:
+        engine.compile()                     # torch.compile of the module, through DeepSpeed
     return engine
 
 

@@ -217,3 +217,48 @@ def test_dead_rank_makes_the_others_fail_instead_of_hanging():
     for p in procs:
         p.join(timeout=30)
     assert outcome != "no error" and seconds < 60
+
+
+def train_cmd(*overrides):
+    return [TRAIN, "--config", os.path.join(REPO, "configs", "synthetic_eps.yaml"), *COMMON,
+            "train.max_iters=3", *overrides]
+
+
+def test_torchrun_launcher(shards):
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), *train_cmd("run.dir=runs/torchrun")],
+              cwd=shards)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(metrics(shards / "runs/torchrun")) == [1, 2, 3]
+
+
+def test_srun_style_environment_without_a_launcher(shards):
+    """Two processes that only have what `srun` gives them (SLURM_* variables)."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, *train_cmd("run.dir=runs/srun")],
+                                      cwd=shards, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+    assert sorted(metrics(shards / "runs/srun")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_stops_or_skips(shards, policy):
+    out = run([sys.executable, *train_cmd(f"run.dir=runs/nan_{policy}", "loss.saliency_weight=.nan",
+                                          f"train.on_nonfinite={policy}")], cwd=shards)
+    if policy == "stop":
+        assert out.returncode != 0
+        assert "non-finite loss at iteration 1" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "step skipped (3 so far)" in out.stderr
+        export = torch.load(shards / "runs/nan_skip/export/model.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in export["state_dict"].values()
+                   if v.is_floating_point())

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import tarfile
 import tempfile
 import time
 
@@ -29,7 +28,7 @@ from PIL import Image
 
 from .augment import TrainAugment
 from .loader import ShardLoader, decode_sample
-from .manifest import FORMAT, sha256_file, write_manifest
+from .manifest import FORMAT, iter_tar_samples, sha256_file, write_manifest
 
 
 def photo_like(rng: np.random.Generator, h: int = 375, w: int = 500) -> np.ndarray:
@@ -65,12 +64,7 @@ def write_bench_shards(directory: str, num: int, seed: int = 0) -> None:
 
 def per_core_rate(directory: str, augment: TrainAugment, reps: int = 3) -> float:
     """Samples/s decoding and augmenting one sample at a time, one thread."""
-    samples = {}
-    with tarfile.open(os.path.join(directory, "bench-000000.tar")) as tar:
-        for m in tar:
-            key, field = wds.tariterators.base_plus_ext(m.name)
-            samples.setdefault(key, {"__key__": key})[field] = tar.extractfile(m).read()
-    raw = list(samples.values())
+    raw = [sample for _, sample in iter_tar_samples(os.path.join(directory, "bench-000000.tar"))]
     rates = []
     for _ in range(reps):
         t0 = time.perf_counter()

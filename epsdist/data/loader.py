@@ -41,7 +41,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .augment import DecodeError, TrainAugment, decode_gray, decode_rgb, normalize_batch
-from .manifest import CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, read_manifest
+from .manifest import CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, iter_tar_samples, read_manifest
 
 log = logging.getLogger("epsdist.data")
 MAX_LOGGED_SKIPS = 10
@@ -105,30 +105,13 @@ def read_range(shard_dir: str, shards: list[dict], order: list[int], start: int,
 
 
 def _read_shard_part(shard_dir: str, name: str, lo: int, hi: int) -> Iterator[dict]:
-    path = os.path.join(shard_dir, name)
     delivered = 0
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            index, current = -1, None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, field = wds.tariterators.base_plus_ext(member.name)
-                if key is None:
-                    continue
-                if current is None or key != current["__key__"]:
-                    if current is not None and lo <= index < hi:
-                        yield current
-                        delivered += 1
-                    index += 1
-                    if index >= hi:
-                        current = None
-                        break
-                    current = {"__key__": key, "__shard__": name}
-                if lo <= index < hi:          # outside the range only headers are read
-                    current[field] = tar.extractfile(member).read()
-            if current is not None and lo <= index < hi:
-                yield current
+        for index, sample in iter_tar_samples(os.path.join(shard_dir, name),
+                                              want=lambda i: lo <= i < hi, stop=hi):
+            if sample is not None:
+                sample["__shard__"] = name
+                yield sample
                 delivered += 1
     except (tarfile.TarError, OSError, EOFError) as e:
         reason = f"unreadable tar {name}: {type(e).__name__}: {e}"

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 import tempfile
+from typing import Callable, Iterator
 
 FORMAT = "epsdist-shards/1"
 MANIFEST = "manifest.json"
@@ -92,3 +94,56 @@ def read_manifest(directory: str) -> dict:
 
 def shard_paths(directory: str, manifest: dict) -> list[str]:
     return [os.path.join(directory, s["name"]) for s in manifest["shards"]]
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened) used for mask PNGs: 0 black,
+    1 (128,0,0), ..., 255 (224,224,192)."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def sample_key(member_name: str) -> tuple[str | None, str | None]:
+    """webdataset's split of a member name into (key, field): the field starts at the first
+    dot of the base name (``a/b.sal.png`` -> ``a/b``, ``sal.png``)."""
+    directory, _, base = member_name.rpartition("/")
+    if "." not in base:
+        return None, None
+    stem, _, field = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), field
+
+
+def iter_tar_samples(path: str, want: Callable[[int], bool] = lambda i: True,
+                     stop: int | None = None) -> Iterator[tuple[int, dict | None]]:
+    """``(index, sample)`` for the samples of one tar in order, ``sample`` a dict
+    ``{"__key__", field: bytes}`` when ``want(index)``, else None: the data of unwanted
+    samples is never read (tarfile seeks over it). Stops before index ``stop``. Raises
+    tarfile/OS errors for unreadable or truncated tars."""
+    with tarfile.open(path, mode="r:") as tar:
+        index, current, keep = -1, None, False
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, field = sample_key(member.name)
+            if key is None:
+                continue
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield index, (current if keep else None)
+                index += 1
+                if stop is not None and index >= stop:
+                    return
+                current, keep = {"__key__": key}, want(index)
+            if keep:
+                current[field] = tar.extractfile(member).read()
+        if current is not None:
+            yield index, (current if keep else None)

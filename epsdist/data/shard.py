@@ -469,7 +469,7 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+def add_sample(tar: tarfile.TarFile, sample: dict) -> None:
     """Members ``<key>.<field>`` in sorted field order (as webdataset's TarWriter) with fixed
     metadata (mtime 0, mode 0444, fixed owner), so equal samples give equal bytes. tarfile is
     used directly: importing webdataset pulls in torch, seconds per worker process."""
@@ -496,7 +496,7 @@ def _write_shard(args) -> dict:
                     except Skip as s:
                         raise ShardError(f"{s} (the file changed while sharding)") from None
                     fields.update(k for k in sample if k != "__key__")
-                    _add_sample(tar, sample)
+                    add_sample(tar, sample)
             f.flush()
             os.fsync(f.fileno())
         digest = mf.sha256_file(tmp)

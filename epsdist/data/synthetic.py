@@ -70,7 +70,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from epsdist.data.manifest import atomic_write_bytes
+from epsdist.data.manifest import atomic_write_bytes, voc_palette
 
 __all__ = ["CLASSES", "CONTEXTS", "CONTEXT_OF", "VERSION", "MIN_SIZE", "voc_palette",
            "render_sample", "generate", "sample_id", "main"]
@@ -90,22 +90,6 @@ P_DISTRACTOR = 0.2         # per image: the saliency map fires on a background c
 P_CLUTTER = 0.35           # per image: 1-2 non-salient clutter shapes on the background
 MIN_OBJECT_PX = 40         # an object keeps at least this many labelled pixels (at size 112)
 MIN_CONTEXT_PX = 60
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (256 RGB triples, flattened): 0 black, 1 (128,0,0), ...,
-    255 (224,224,192)."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 _PALETTE = voc_palette()
