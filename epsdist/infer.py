@@ -269,7 +269,7 @@ def report(args, masks_dir: str, num_classes: int, allow_missing: bool) -> None:
     result = evaluate.evaluate(masks_dir, args.shards, num_classes, allow_missing=allow_missing)
     atomic_write_bytes(os.path.join(args.out, "report.json"),
                        json.dumps(result, indent=1, default=float).encode())
-    print(f"pseudo-mask mIoU {100 * result['miou']:.2f} "
+    print(f"pseudo-mask mIoU {100 * result['mean_iou']:.2f} "
           f"(report: {os.path.join(args.out, 'report.json')})", flush=True)
 
 
