@@ -154,7 +154,8 @@ def main(argv=None) -> int:
     if info.is_main:
         from tqdm import tqdm
         progress = tqdm(total=-(-manifest["num_samples"] // info.world_size), unit="img",
-                        desc=f"pseudo-masks (rank 0 of {info.world_size})")
+                        desc=f"pseudo-masks (rank 0 of {info.world_size})",
+                        mininterval=1 if sys.stderr.isatty() else 30)
     counts = {"written": 0, "existing": 0, "skipped": 0}
     offset = 0
     for path, entry in zip(shard_paths(args.shards, manifest), manifest["shards"]):
@@ -206,7 +207,7 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
     x, _ = normalize_batch(x, torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device))
     views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps)
     need_norm = args.cams or want_panel
-    mask, norm, classes = cam_to_mask(views, flips, labels.to(device), tuple(image.shape[:2]),
+    mask, norm, classes = cam_to_mask(views, flips, labels, tuple(image.shape[:2]),
                                       icfg.bg_threshold, return_norm=need_norm, impl=icfg.impl)
     mask = mask.cpu().numpy()
     if args.cams:

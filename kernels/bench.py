@@ -1,24 +1,48 @@
-"""Microbenchmark of the EPS saliency loss: fused Triton kernel vs the PyTorch reference.
+"""Microbenchmarks of the fused Triton kernels (EPS loss, CAM post-processing) vs PyTorch.
 
-What it measures. For each case (a realistic CAM-head output size) and each mode -- ``fwd``
-(the loss only, logits without grad) and ``fwd_bwd`` (loss + ``loss.backward()`` into a leaf,
-both inside the timed region) -- the median wall time of three providers:
+What it measures. Two kernels (``--kernel``), each with its cases and modes:
 
-    triton   epsdist_kernels.eps_loss.eps_loss_triton (two fused passes; the forward writes
-             d(loss)/d(cam), the backward only scales it)
-    eager    epsdist_kernels.eps_loss_ref.eps_loss_reference (plain PyTorch)
-    compile  torch.compile(eps_loss_reference), compiled and warmed up before timing
+``eps_loss`` -- the EPS saliency loss. Cases ``voc_b8_56``, ``coco_b16_41``, ``coco_b64_56``
+(realistic CAM-head output sizes); modes ``fwd`` (the loss only, logits without grad) and
+``fwd_bwd`` (loss + ``loss.backward()`` into a leaf, both inside the timed region).
+
+``cam_post`` -- pseudo-mask inference's post-processing of one image (8 views = 4 scales
+0.5/1/1.5/2 x 2 flips of a stride-8 network output, view maps round(H*s/8) x round(W*s/8),
+resized to H x W, summed over views, normalised, thresholded and argmaxed). Cases ``cam_voc``
+(375x500 output, 21 channels, 3 labelled classes) and ``cam_coco`` (480x640, 81 channels,
+8 labelled); modes ``mask`` (the uint8 mask only) and ``mask_norm`` (also the (L, H, W)
+normalised maps). Labels stay on the CPU, as a loader gives them.
+
+Providers, for each (case, mode), the median wall time of:
+
+    triton   the fused kernels: epsdist_kernels.eps_loss.eps_loss_triton (two fused passes; the
+             forward writes d(loss)/d(cam), the backward only scales it) /
+             epsdist_kernels.cam_post.cam_to_mask_triton (two passes)
+    eager    the plain-PyTorch references: eps_loss_ref.eps_loss_reference /
+             cam_post_ref.cam_to_mask_reference
+    compile  torch.compile(reference), compiled and warmed up before timing
 
 How to run::
 
     python -m epsdist_kernels.bench                  # or: make demo
     python -m epsdist_kernels.bench --cases voc_b8_56 --modes fwd --providers triton,eager \
         --dtype bf16 --json runs/bench.json
+    python -m epsdist_kernels.bench --kernel cam_post          # cam_voc, cam_coco
+    python -m epsdist_kernels.bench --cases cam_voc --modes mask --providers triton,eager
+
+``--kernel eps_loss|cam_post|all`` picks the default cases: every case of that kernel on CUDA
+(default ``all``); on CPU, where the interpreter is slow, its first case (voc_b8_56 /
+cam_voc) and by default only ``eps_loss``. ``--cases`` names cases of either kernel and
+overrides ``--kernel``. ``--modes`` (default: every mode) is a list over both kernels; a case
+runs the listed modes of its kernel and is skipped, with a note, when none applies.
 
 Columns. ``ms``: median time per call (CUDA: triton.testing.do_bench, 25 ms warm-up, 100 ms of
 repetitions; CPU: time.perf_counter over --reps calls). ``GB/s``: ideal bytes / time, where the
-ideal bytes are what a perfect kernel must move: fwd = cam once + B*h*w saliency samples (the
-nearest-resized pixels actually used) + labels; fwd_bwd = fwd + one cam-sized gradient write.
+ideal bytes are what a perfect kernel must move: eps_loss fwd = cam once + B*h*w saliency
+samples (the nearest-resized pixels actually used) + labels; fwd_bwd = fwd + one cam-sized
+gradient write; cam_post mask = the labelled channels of every view once + the uint8 mask;
+mask_norm = mask + the float32 (L, H, W) maps (the kernels also write and read an (L, H, W)
+float32 accumulator: not counted, so 100 % of copy bandwidth is out of reach).
 ``%copy``: GB/s as a share of the card's copy bandwidth (dst.copy_(src) on 1 GiB float32, counted
 as 2 * bytes / time). ``peakMiB``: CUDA memory allocated by one call above what was allocated
 before it (the inputs). ``x eager`` / ``x compile``: how many times faster triton is, per
@@ -44,8 +68,17 @@ CASES = {
     "coco_b16_41": (16, 81, 41, 41, 321),
     "coco_b64_56": (64, 81, 56, 56, 448),
 }
+# name: (H, W, K, L) -- output H x W, K-channel views, L labelled classes
+CAM_CASES = {
+    "cam_voc": (375, 500, 21, 3),
+    "cam_coco": (480, 640, 81, 8),
+}
+CAM_SCALES = (0.5, 1.0, 1.5, 2.0)        # x 2 flips = 8 views
+CAM_STRIDE = 8                           # network output stride
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("fwd", "fwd_bwd")
+CAM_MODES = ("mask", "mask_norm")
+KERNELS = {"eps_loss": (CASES, MODES), "cam_post": (CAM_CASES, CAM_MODES)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED = 0
 
@@ -68,6 +101,39 @@ def ideal_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
     cam = B * K * h * w * torch.empty((), dtype=dtype).element_size()
     total = cam + B * h * w * 4 + B * (K - 1) * 4          # saliency, labels: float32
     return total + (cam if mode == "fwd_bwd" else 0)
+
+
+def kernel_of(case: str) -> str:
+    return "cam_post" if case in CAM_CASES else "eps_loss"
+
+
+def cam_view_sizes(case: str) -> list[tuple[int, int]]:
+    """(h, w) of the 8 views: round(H*s/8) x round(W*s/8) per scale, twice (plain, flipped)."""
+    H, W, _, _ = CAM_CASES[case]
+    return [(round(H * s / CAM_STRIDE), round(W * s / CAM_STRIDE))
+            for s in CAM_SCALES for _ in range(2)]
+
+
+def build_cam_inputs(case: str, dtype: torch.dtype, device: torch.device):
+    """Seeded (views, flips, labels, out_size): each view softmax(randn*3 + per-class bias) over
+    K (the EPS head's output), flips alternating; L distinct labelled classes (CPU labels)."""
+    H, W, K, L = CAM_CASES[case]
+    g = torch.Generator().manual_seed(SEED)
+    views, flips = [], []
+    for i, (h, w) in enumerate(cam_view_sizes(case)):
+        logits = torch.randn(K, h, w, generator=g) * 3 + torch.randn(K, 1, 1, generator=g) * 2
+        views.append(torch.softmax(logits, dim=0).to(dtype).to(device))
+        flips.append(i % 2 == 1)
+    labels = torch.zeros(K - 1)
+    labels[torch.randperm(K - 1, generator=g)[:L]] = 1.0
+    return views, flips, labels, (H, W)
+
+
+def cam_ideal_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
+    H, W, K, L = CAM_CASES[case]
+    esize = torch.empty((), dtype=dtype).element_size()
+    views = sum(L * h * w * esize for h, w in cam_view_sizes(case))
+    return views + H * W + (L * H * W * 4 if mode == "mask_norm" else 0)
 
 
 def time_fn(fn, *, reps: int, warmup: int, cuda: bool):
@@ -151,10 +217,46 @@ def run_case(case, providers, modes, dtype, reps, copy_bw, fns, cuda, log):
                     print(f"WARNING: {case}: triton loss {got:.8g} vs eager {ref:.8g} "
                           f"(rel err {rel:.3g} > {tol:g})", flush=True)
             gbs = ideal_bytes(case, dtype, mode) / (ms * 1e-3) / 1e9
-            rows.append(dict(case=case, provider=prov, mode=mode, ms=ms, gbs=gbs,
-                             frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
+            rows.append(dict(kernel="eps_loss", case=case, provider=prov, mode=mode, ms=ms,
+                             gbs=gbs, frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
                              peak_mib=peak_mib(fn) if cuda else None,
                              B=B, K=K, h=h, w=w, S=S))
+    return rows
+
+
+def run_cam_case(case, providers, modes, dtype, reps, copy_bw, fns, cuda, log):
+    """Time every (mode, provider) of one cam_post case; check triton's mask against eager's."""
+    device = torch.device("cuda" if cuda else "cpu")
+    views, flips, labels, out_size = build_cam_inputs(case, dtype, device)
+    H, W, K, L = CAM_CASES[case]
+    ref = fns["eager"](views, flips, labels, out_size, return_norm=True)
+    rows = []
+    for mode in modes:
+        want_norm = mode == "mask_norm"
+        for prov in providers:
+            fn = (lambda f=fns[prov], n=want_norm:
+                  f(views, flips, labels, out_size, return_norm=n))
+            warmup = 0 if (prov == "triton" and not cuda) else 1
+            t0 = time.perf_counter()
+            ms, out = time_fn(fn, reps=reps, warmup=warmup, cuda=cuda)
+            log(f"  {case:<12} {prov:<8} {mode:<9} {ms:10.2f} ms"
+                f"   ({time.perf_counter() - t0:.1f} s)")
+            if prov == "triton":
+                # near-ties may flip under float32 rounding; more than 1e-4 of the pixels won't
+                bad = int((out.mask != ref.mask).sum())
+                if bad > 1e-4 * H * W:
+                    print(f"WARNING: {case} {mode}: triton mask differs from eager at {bad} "
+                          f"pixels", flush=True)
+                if want_norm:
+                    err = (out.norm.float() - ref.norm.float()).abs().max().item()
+                    if not err <= 1e-4:
+                        print(f"WARNING: {case}: triton norm vs eager max error {err:.3g}",
+                              flush=True)
+            gbs = cam_ideal_bytes(case, dtype, mode) / (ms * 1e-3) / 1e9
+            rows.append(dict(kernel="cam_post", case=case, provider=prov, mode=mode, ms=ms,
+                             gbs=gbs, frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
+                             peak_mib=peak_mib(fn) if cuda else None,
+                             H=H, W=W, K=K, L=L, V=len(views)))
     return rows
 
 
@@ -171,7 +273,7 @@ def speedups(rows):
 
 def print_table(rows, spd):
     sp = {(s["case"], s["mode"]): s for s in spd}
-    fmt = "{:<12} {:<8} {:<8} {:>10} {:>9} {:>7} {:>9} {:>8} {:>9}"
+    fmt = "{:<12} {:<8} {:<9} {:>10} {:>9} {:>7} {:>9} {:>8} {:>9}"
     print(fmt.format("case", "provider", "mode", "ms", "GB/s", "%copy", "peakMiB",
                      "x eager", "x compile"))
     def num(v, spec):                       # small CPU numbers keep 3 significant digits
@@ -203,36 +305,69 @@ def _list(arg, allowed, what):
     return items
 
 
+def resolve_cases(args, cuda: bool) -> list[str]:
+    """--cases if given (any kernel's), else the --kernel default (see the module docstring)."""
+    all_cases = {**CASES, **CAM_CASES}
+    if args.cases:
+        return _list(args.cases, all_cases, "cases")
+    kernel = args.kernel or ("all" if cuda else "eps_loss")
+    kernels = list(KERNELS) if kernel == "all" else [kernel]
+    cases = []
+    for k in kernels:
+        names = list(KERNELS[k][0])
+        cases += names if cuda else names[:1]
+    return cases
+
+
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m epsdist_kernels.bench",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", choices=(*KERNELS, "all"), default=None,
+                   help="whose cases run by default: all of them on CUDA, the first on CPU "
+                        "(default: all on CUDA, eps_loss on CPU); --cases overrides")
     p.add_argument("--cases", default=None,
-                   help="comma list of " + ", ".join(CASES) + " (default: all on CUDA, "
-                        "voc_b8_56 on CPU, where the interpreter needs minutes for the others)")
+                   help="comma list of " + ", ".join([*CASES, *CAM_CASES]) + " (default: see "
+                        "--kernel; on CPU voc_b8_56, where the interpreter needs minutes for "
+                        "the others)")
     p.add_argument("--providers", default=None,
                    help="comma list of triton,eager,compile (CPU default: triton,eager)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,fwd_bwd")
+    p.add_argument("--modes", default=None,
+                   help="comma list of fwd,fwd_bwd (eps_loss) and/or mask,mask_norm (cam_post); "
+                        "default: every mode of each case's kernel")
     p.add_argument("--reps", type=int, default=1,
                    help="CPU only: timed calls per row, median reported (default 1: the "
                         "interpreter needs ~4 min for one pass; CUDA rows use do_bench)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="logits dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="logits (eps_loss) / view maps (cam_post) dtype")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.reps < 1:
         raise SystemExit("--reps: expected >= 1")
-    cases = _list(args.cases or (",".join(CASES) if cuda else "voc_b8_56"), CASES, "cases")
-    modes = _list(args.modes, MODES, "modes")
+    cases = resolve_cases(args, cuda)
+    modes = _list(args.modes, MODES + CAM_MODES, "modes") if args.modes else None
+    case_modes = {}
+    for case in cases:
+        kmodes = KERNELS[kernel_of(case)][1]
+        case_modes[case] = [m for m in modes if m in kmodes] if modes else list(kmodes)
+    skipped = [c for c in cases if not case_modes[c]]
+    cases = [c for c in cases if case_modes[c]]
+    if not cases:
+        raise SystemExit(f"--modes: none of {args.modes!r} applies to the selected cases")
     providers = _list(args.providers or ",".join(PROVIDERS), PROVIDERS, "providers")
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")     # before the kernel module import
         if args.providers is None:
             providers.remove("compile")
     import triton
+    from .cam_post import cam_to_mask_triton
+    from .cam_post_ref import cam_to_mask_reference
     from .eps_loss import eps_loss_triton
     from .eps_loss_ref import eps_loss_reference
     fns = {"triton": eps_loss_triton, "eager": eps_loss_reference,
            "compile": torch.compile(eps_loss_reference, dynamic=False)}
+    cam_fns = {"triton": cam_to_mask_triton, "eager": cam_to_mask_reference,
+               "compile": torch.compile(cam_to_mask_reference, dynamic=False)}
     dtype = DTYPES[args.dtype]
 
     cpu = platform.processor() or platform.machine()
@@ -241,25 +376,35 @@ def main(argv=None) -> int:
                     triton=triton.__version__, cuda=torch.version.cuda)
     print(f"device  {device}")
     print("versions " + "  ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"dtype   {args.dtype} logits, float32 saliency and labels")
+    print(f"dtype   {args.dtype} logits / view maps, float32 saliency and labels")
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if interp:
         print("NOTE: Triton runs in its CPU interpreter (TRITON_INTERPRET=1): these are smoke "
               "numbers of the code path, NOT performance.")
     if not cuda:
         print(f"NOTE: --reps {args.reps}; cases {','.join(cases)}. One interpreted pass over all "
-              "three cases takes ~4-7 min on 2 cores (coco_b64_56 ~3 min of that); ask for them "
-              "with --cases " + ",".join(CASES))
+              "three eps_loss cases takes ~4-7 min on 2 cores (coco_b64_56 ~3 min of that); ask "
+              "for them with --cases " + ",".join(CASES) + ". cam_post cases only when asked "
+              "(--kernel cam_post or --cases cam_voc,cam_coco): one interpreted call takes "
+              "~1.5 min (cam_voc) / ~3 min (cam_coco)")
         if args.providers is None:
             print("NOTE: 'compile' skipped on CPU (torch.compile costs ~1 min per case here); "
                   "ask for it with --providers triton,eager,compile")
+    for c in skipped:
+        print(f"NOTE: case {c} skipped: none of --modes {args.modes} is one of its modes "
+              f"({','.join(KERNELS[kernel_of(c)][1])})")
     copy_bw = measure_copy_bandwidth()
     print("copy bandwidth " + (f"{copy_bw:.1f} GB/s" if copy_bw else "n/a (no CUDA)"), flush=True)
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)        # noqa: E731
     rows = []
     for case in cases:
-        rows += run_case(case, providers, modes, dtype, args.reps, copy_bw, fns, cuda, log)
+        if kernel_of(case) == "cam_post":
+            rows += run_cam_case(case, providers, case_modes[case], dtype, args.reps, copy_bw,
+                                 cam_fns, cuda, log)
+        else:
+            rows += run_case(case, providers, case_modes[case], dtype, args.reps, copy_bw,
+                             fns, cuda, log)
     spd = speedups(rows)
     print()
     print_table(rows, spd)
