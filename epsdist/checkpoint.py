@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -25,6 +26,21 @@ import torch
 from . import dist as D
 
 TAG = re.compile(r"^iter_(\d{8})$")
+PREEMPT_EXIT = 75          # "checkpointed on request, run me again": the Slurm scripts requeue
+
+
+class StopRequest:
+    """SIGUSR1 (Slurm's time-limit warning, ``--signal=B:USR1@120``) sets a flag; the trainers
+    agree on it across ranks inside the per-step all-reduce (ranks receive the signal at
+    slightly different times), write a checkpoint at that iteration and exit with
+    ``PREEMPT_EXIT``. Install it before DataLoader workers start."""
+
+    def __init__(self, signum: int = signal.SIGUSR1):
+        self.requested = False
+        signal.signal(signum, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.requested = True
 
 
 def tag_for(iteration: int) -> str:

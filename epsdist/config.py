@@ -164,6 +164,125 @@ class EPSConfig:
             raise ConfigError("\n".join(errors))
 
 
+# ----------------------------------------------------------------------------- segmentation
+
+
+@dataclass
+class SegDataConfig:
+    """The segmentation stage's shards and its DeepLab augmentation."""
+
+    train_shards: str = ""  # pseudo-mask shards: OUT/shards of epsdist/infer.py (seg.png = mask)
+    val_shards: str = ""  # ground-truth shards (python -m epsdist.data.shard ... --split val)
+    num_classes: int = 20  # foreground classes C; the network predicts C+1 (0 = background)
+    crop_size: int = 321
+    scale_range: tuple[float, float] = (0.5, 1.5)  # random rescale factor, uniform in [lo, hi]
+    num_workers: int = 2
+    shuffle_buffer: int = 256  # raw samples shuffled per loader worker
+
+
+@dataclass
+class SegModelConfig:
+    """The segmentation network (epsdist/seg/models.py)."""
+
+    arch: Literal["deeplabv2", "deeplabv3"] = "deeplabv2"
+    backbone: Literal["resnet101", "resnet50", "tiny"] = "resnet101"
+    weights: str = "none"  # torchvision ImageNet checkpoint of the backbone, or "none"
+    output_stride: int = 8  # deeplabv2: 8 or 16 (resnets), 8 (tiny); deeplabv3: 8
+    aspp_rates: tuple[int, ...] = (6, 12, 18, 24)  # deeplabv2 ASPP dilation rates
+    sync_bn: bool = True  # deeplabv3 on several CUDA ranks: SyncBatchNorm in the head
+
+
+@dataclass
+class SegTrainConfig(TrainConfig):
+    """TrainConfig with the DeepLab-v2 defaults and a total batch size."""
+
+    max_iters: int = 20000
+    batch_size: int = 5  # per rank (replaced when global_batch_size > 0)
+    lr: float = 2.5e-4  # backbone; the classifier gets 10x (weights) / 20x (biases)
+    weight_decay: float = 5e-4
+    # > 0: the total batch over all ranks; per-rank batch = global / (ranks * grad_accum),
+    # which must divide exactly (the DeepLab-v2 recipe: 10)
+    global_batch_size: int = 0
+
+
+@dataclass
+class SegEvalConfig:
+    """Validation of the segmentation network on the ground-truth val shards."""
+
+    every: int = 2000  # iterations between evaluations (and always at the end); 0: end only
+    scales: tuple[float, ...] = (1.0,)  # input scales; softmax averaged over scales (+ flips)
+    flip: bool = False  # also run every scale horizontally flipped
+    crf: bool = False  # dense-CRF post-processing (needs the pydensecrf package)
+    crf_iters: int = 10
+    crf_bi_w: float = 4.0  # the EPS authors' published CRF parameters
+    crf_bi_xy_std: float = 67.0
+    crf_bi_rgb_std: float = 3.0
+    crf_pos_w: float = 3.0
+    crf_pos_xy_std: float = 1.0
+    save_pred: bool = True  # write the predicted masks to run.dir/val_pred/iter_NNNNNNNN/
+    max_images: int = 0  # > 0: evaluate only the first N val images (quick checks)
+
+
+@dataclass
+class SegConfig:
+    """A segmentation-stage configuration (epsdist/segment.py)."""
+
+    seed: int = 0
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/seg", name="seg"))
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every value outside its allowed range."""
+        errors = []
+
+        def need(ok, key, rule, value):
+            if not ok:
+                errors.append(f"config key '{key}' must be {rule}, got {value!r}")
+
+        t, d, m, e = self.train, self.data, self.model, self.eval
+        need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+        need(t.global_batch_size >= 0, "train.global_batch_size", ">= 0 (0: use "
+             "train.batch_size per rank)", t.global_batch_size)
+        need(t.max_iters >= 1, "train.max_iters", ">= 1", t.max_iters)
+        need(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+        need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3", t.zero_stage)
+        need(t.lr > 0, "train.lr", "> 0", t.lr)
+        need(d.num_classes >= 1, "data.num_classes", ">= 1", d.num_classes)
+        need(d.crop_size >= 8, "data.crop_size", ">= 8", d.crop_size)
+        need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+        need(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+        lo, hi = d.scale_range
+        need(0 < lo <= hi, "data.scale_range", "[lo, hi] with 0 < lo <= hi", list(d.scale_range))
+        need(len(m.aspp_rates) > 0 and all(r >= 1 for r in m.aspp_rates), "model.aspp_rates",
+             "a non-empty list of dilation rates >= 1", list(m.aspp_rates))
+        if m.arch == "deeplabv3":
+            need(m.backbone != "tiny", "model.backbone", "resnet50 or resnet101 with "
+                 "model.arch 'deeplabv3' (torchvision's DeepLab-v3)", m.backbone)
+            need(m.output_stride == 8, "model.output_stride", "8 with model.arch 'deeplabv3'",
+                 m.output_stride)
+        elif m.backbone == "tiny":
+            need(m.output_stride == 8, "model.output_stride", "8 with the tiny backbone",
+                 m.output_stride)
+        else:
+            need(m.output_stride in (8, 16), "model.output_stride", "8 or 16", m.output_stride)
+        need(e.every >= 0, "eval.every", ">= 0 (0: evaluate at the end only)", e.every)
+        need(len(e.scales) > 0 and all(s > 0 for s in e.scales), "eval.scales",
+             "a non-empty list of positive scales", list(e.scales))
+        need(e.crf_iters >= 1, "eval.crf_iters", ">= 1", e.crf_iters)
+        for k in ("crf_bi_w", "crf_bi_xy_std", "crf_bi_rgb_std", "crf_pos_w", "crf_pos_xy_std"):
+            need(getattr(e, k) > 0, f"eval.{k}", "> 0", getattr(e, k))
+        need(e.max_images >= 0, "eval.max_images", ">= 0 (0: all)", e.max_images)
+        need(self.run.log_every >= 1, "run.log_every", ">= 1", self.run.log_every)
+        need(self.run.save_every >= 1, "run.save_every", ">= 1", self.run.save_every)
+        need(self.run.keep_last >= 1, "run.keep_last", ">= 1", self.run.keep_last)
+        need(self.run.dist_timeout_s > 0, "run.dist_timeout_s", "> 0", self.run.dist_timeout_s)
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+
 # ----------------------------------------------------------------------------- checking
 
 _EXP_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # "5e-4", which YAML 1.1 reads as str

@@ -7,7 +7,7 @@ Launchers and where the rank comes from:
   * ``srun`` (one task per GPU): derived from SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS and the
     first host of SLURM_JOB_NODELIST (MASTER_PORT: 29500 + SLURM_JOB_ID mod 10000, unless set);
   * plain ``python epsdist/train.py``: one process, rank 0 of 1 (a local process group is still
-    created so the same code path runs).
+    created so the same code path runs, on MASTER_PORT or a free loopback port).
 CUDA ranks use NCCL on ``cuda:LOCAL_RANK``; without CUDA, gloo on the CPU (this is how
 ``deepspeed --num_gpus 2`` runs two ranks in CI). Every collective has the configured timeout:
 a dead rank makes the others fail after ``timeout_s`` instead of hanging forever.
@@ -68,7 +68,16 @@ def launcher_env(environ=None) -> tuple[dict, str]:
                 "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
                 "MASTER_PORT": port}, "slurm"
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": env.get("MASTER_PORT", "29500")}, "single"
+            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}, "single"
+
+
+def _free_port() -> int:
+    """A free loopback port for a one-process group (two single-process runs on one machine
+    must not collide on a fixed port)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def setup(timeout_s: float = 600.0) -> DistInfo:

@@ -135,6 +135,7 @@ class StepResult:
     loss_sal: float
     finite: bool
     cam: torch.Tensor | None = None          # detached logits, for panels
+    stop: bool = False                       # some rank got SIGUSR1: checkpoint and exit
 
 
 def forward_losses(engine, batch, cfg: EPSConfig, info: D.DistInfo):
@@ -156,21 +157,32 @@ def forward_losses(engine, batch, cfg: EPSConfig, info: D.DistInfo):
     return cam, loss_cls, loss_sal
 
 
-def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo) -> StepResult:
-    """Forward, a collective finiteness check (every rank takes the same branch, so a NaN on
-    one rank can neither hang nor desynchronise the others), backward, optimizer step."""
+def reduce_losses(parts: list[torch.Tensor], loss: torch.Tensor, info: D.DistInfo,
+                  stop: bool = False) -> tuple[list[float], bool, bool]:
+    """One all-reduce: the mean over ranks of each loss term in ``parts``, whether the total
+    ``loss`` is finite on every rank, and whether any rank was asked to stop (SIGUSR1). Every
+    rank gets the same answer, so all take the same branch: a NaN or a signal on one rank can
+    neither hang nor desynchronise the others."""
+    stats = torch.stack([p.detach().float() for p in parts]
+                        + [(~torch.isfinite(loss.detach())).float(),
+                           torch.tensor(float(stop), device=loss.device)])
+    D.all_reduce_sum(stats)
+    divisor = torch.tensor([info.world_size] * len(parts) + [1.0, 1.0], device=stats.device)
+    *means, bad, stops = (stats / divisor).tolist()
+    return means, bad == 0, stops > 0
+
+
+def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo,
+               stop: bool = False) -> StepResult:
+    """Forward, the collective finiteness/stop check (``reduce_losses``), backward, step."""
     cam, loss_cls, loss_sal = forward_losses(engine, batch, cfg, info)
     loss = loss_cls + cfg.loss.saliency_weight * loss_sal
-    stats = torch.stack([loss_cls.detach(), loss_sal.detach(),
-                         (~torch.isfinite(loss.detach())).float()]).float()
-    D.all_reduce_sum(stats)
-    loss_cls_mean, loss_sal_mean, bad = (stats / torch.tensor(
-        [info.world_size, info.world_size, 1.0], device=stats.device)).tolist()
-    finite = bad == 0
+    (loss_cls_mean, loss_sal_mean), finite, stop = reduce_losses([loss_cls, loss_sal], loss,
+                                                                info, stop)
     if finite:
         engine.backward(loss)
         engine.step()
-    return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach())
+    return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach(), stop)
 
 
 # ------------------------------------------------------------------------------ panels
@@ -211,7 +223,11 @@ def panel(batch, cam: torch.Tensor, cfg: EPSConfig) -> torch.Tensor:
 class RunLogger:
     """Rank 0: a console line every ``run.log_every`` iterations, TensorBoard scalars, and the
     same numbers as JSON lines in ``run.dir/metrics.jsonl`` (appended; after a resume, a later
-    line for an iteration supersedes an earlier one)."""
+    line for an iteration supersedes an earlier one).
+
+    ``step`` logs a stage-1 ``StepResult``; ``record`` takes any dict of losses (the
+    segmentation stage), ``scalars`` any other numbers (validation results). ``cfg`` needs
+    ``run.log_every``, ``train.max_iters`` and ``train.batch_size``."""
 
     def __init__(self, run_dir: str, info: D.DistInfo, cfg: EPSConfig, start: int):
         self.info, self.cfg = info, cfg
@@ -224,6 +240,16 @@ class RunLogger:
         self.start = start
 
     def step(self, it: int, result: StepResult, lr: float, data_wait: float) -> None:
+        total = result.loss_cls + self.cfg.loss.saliency_weight * result.loss_sal
+        self.record(it, {"loss/cls": result.loss_cls, "loss/sal": result.loss_sal,
+                         "loss/total": total}, lr, data_wait,
+                    f"loss {total:.4f} (cls {result.loss_cls:.4f} sal {result.loss_sal:.4f})")
+
+    def record(self, it: int, losses: dict, lr: float, data_wait: float,
+               summary: str | None = None) -> None:
+        """Count iteration ``it``; every ``run.log_every`` iterations (and at the last) log
+        ``losses`` (name -> rank-mean value), lr, speed and data-wait share. ``summary`` is
+        the loss part of the console line (default: the losses as name value)."""
         self.window_iters += 1
         self.wait += data_wait
         last = it + 1 == self.cfg.train.max_iters
@@ -234,21 +260,32 @@ class RunLogger:
         rate = imgs / max(elapsed, 1e-9)
         wait = self.wait / max(elapsed, 1e-9)
         eta = (self.cfg.train.max_iters - it - 1) * elapsed / self.window_iters
-        total = result.loss_cls + self.cfg.loss.saliency_weight * result.loss_sal
         if self.info.is_main:
-            scalars = {"loss/cls": result.loss_cls, "loss/sal": result.loss_sal,
-                       "loss/total": total, "lr": lr, "speed/img_per_s": rate,
+            scalars = {**losses, "lr": lr, "speed/img_per_s": rate,
                        "speed/data_wait_frac": wait}
             if self.info.device.type == "cuda":
                 scalars["mem/gpu_max_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, it + 1)
             self.jsonl.write(json.dumps({"iteration": it + 1, **scalars}) + "\n")
-            print(f"it {it + 1:>7}/{self.cfg.train.max_iters} | loss {total:.4f} "
-                  f"(cls {result.loss_cls:.4f} sal {result.loss_sal:.4f}) | lr {lr:.2e} | "
+            if summary is None:
+                summary = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            print(f"it {it + 1:>7}/{self.cfg.train.max_iters} | {summary} | lr {lr:.2e} | "
                   f"{rate:7.1f} img/s | data {100 * wait:4.1f}% | "
                   f"ETA {_duration(eta)}", flush=True)
         self.window_start, self.window_iters, self.wait = time.perf_counter(), 0, 0.0
+
+    def scalars(self, iteration: int, values: dict) -> None:
+        """Rank 0: ``values`` (name -> number) to TensorBoard and one metrics.jsonl line."""
+        if not self.info.is_main:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, iteration)
+        self.jsonl.write(json.dumps({"iteration": iteration, **values}) + "\n")
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent outside training (an evaluation) out of the speed."""
+        self.window_start += seconds
 
     def image(self, tag: str, grid: torch.Tensor, it: int) -> None:
         if self.writer is not None:

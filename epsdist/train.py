@@ -24,7 +24,8 @@ import torch
 
 from epsdist import dist as D
 from epsdist import stage1
-from epsdist.checkpoint import Checkpointer, atomic_torch_save, rng_state, set_rng_state
+from epsdist.checkpoint import (PREEMPT_EXIT, Checkpointer, StopRequest, atomic_torch_save,
+                                rng_state, set_rng_state)
 from epsdist.config import EPSConfig, add_config_args, config_from_args, save_config, to_dict
 from epsdist.models import build_model
 
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="simulate a crash: exit with status 3 right after iteration N "
                          "(no final checkpoint or export); used by the resume tests")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)        # overrides before and after the options
 
 
 def seed_everything(seed: int) -> None:
@@ -49,6 +50,7 @@ def seed_everything(seed: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = StopRequest()                                          # SIGUSR1 -> checkpoint, exit 75
     cfg = config_from_args(args)                                  # 1. config
     manifest = stage1.check_config(cfg)                           #    checked before any rank waits
     info = D.setup(cfg.run.dist_timeout_s)                        # 2. distributed
@@ -63,7 +65,9 @@ def main(argv=None) -> int:
     loader = stage1.build_loader(cfg, info)
     ckpt = Checkpointer(os.path.join(cfg.run.dir, "checkpoints"), info, cfg.run.keep_last)
     start = resume(args.resume, ckpt, engine, loader, cfg, info)
-    train(cfg, info, engine, loader, ckpt, start, args.stop_after)  # 4. the loop
+    if train(cfg, info, engine, loader, ckpt, start, stop, args.stop_after):  # 4. the loop
+        D.shutdown()
+        return PREEMPT_EXIT
     export(cfg, info, engine, manifest)
     D.shutdown()
     return 0
@@ -91,7 +95,9 @@ def batches(loader):
 
 
 def train(cfg: EPSConfig, info, engine, loader, ckpt: Checkpointer, start: int,
-          stop_after: int | None = None) -> None:
+          stop: StopRequest, stop_after: int | None = None) -> bool:
+    """Iterations ``start`` .. ``train.max_iters``; returns True when stopped by SIGUSR1 (after
+    writing a checkpoint of the iteration reached)."""
     logger = stage1.RunLogger(cfg.run.dir, info, cfg, start)
     stream = batches(loader)
     skipped_steps = 0
@@ -101,7 +107,7 @@ def train(cfg: EPSConfig, info, engine, loader, ckpt: Checkpointer, start: int,
         batch = next(stream)
         data_wait = time.perf_counter() - t0
         lr = stage1.set_lr(engine, cfg, it)
-        result = stage1.train_step(engine, batch, cfg, info)
+        result = stage1.train_step(engine, batch, cfg, info, stop.requested)
         if not result.finite:
             if cfg.train.on_nonfinite == "stop":
                 raise FloatingPointError(
@@ -116,15 +122,21 @@ def train(cfg: EPSConfig, info, engine, loader, ckpt: Checkpointer, start: int,
         logger.step(it, result, lr, data_wait)
         if info.is_main and cfg.run.panel_every and (it + 1) % cfg.run.panel_every == 0:
             logger.image("panel", stage1.panel(batch, result.cam, cfg), it + 1)
-        if (it + 1) % cfg.run.save_every == 0 or it + 1 == cfg.train.max_iters:
+        if (it + 1) % cfg.run.save_every == 0 or it + 1 == cfg.train.max_iters or result.stop:
             ckpt.save(engine, it + 1,
                       client_state={"iteration": it + 1, "config": to_dict(cfg),
                                     "skipped_steps": skipped_steps},
                       rank_state={"rng": rng_state(), "loader": loader.state_dict()})
+        if result.stop:
+            logger.close()
+            if info.is_main:
+                print(f"stopping at iteration {it + 1} on SIGUSR1 (checkpoint written)", flush=True)
+            return True
         if stop_after is not None and it + 1 == stop_after:
             logger.close()
             os._exit(3)
     logger.close()
+    return False
 
 
 def export(cfg: EPSConfig, info, engine, manifest: dict) -> None:

@@ -262,3 +262,32 @@ def test_non_finite_loss_stops_or_skips(shards, policy):
         export = torch.load(shards / "runs/nan_skip/export/model.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for v in export["state_dict"].values()
                    if v.is_floating_point())
+
+
+def test_sigusr1_checkpoints_and_exits_75_then_resume_finishes(shards):
+    import re
+    import signal
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               MASTER_PORT=str(free_port()))
+    env.pop("TRITON_INTERPRET", None)
+    run_dir = shards / "runs/usr1"
+    proc = subprocess.Popen([sys.executable, *train_cmd("run.dir=runs/usr1", "run.save_every=1000",
+                                                        "train.max_iters=400")],
+                            cwd=shards, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    stopped = int(re.search(r"stopping at iteration (\d+) on SIGUSR1", out).group(1))
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"iter_{stopped:08d}"
+    assert not (run_dir / "export/model.pt").exists()
+    resumed = run([sys.executable, *train_cmd("run.dir=runs/usr1", "run.save_every=1000",
+                                              f"train.max_iters={stopped + 2}")], cwd=shards)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at iteration {stopped}" in resumed.stdout
+    assert sorted(metrics(run_dir))[-1] == stopped + 2

@@ -21,11 +21,19 @@ The pixel work runs in OpenCV (as mmsegmentation does): the same operations as P
 at several times their speed (BENCHMARKS.md). OpenCV's thread pool is switched off here: the
 parallelism comes from the DataLoader workers. Every random draw comes from the
 ``random.Random`` passed in, so a sample's augmentation depends only on that generator's seed.
+
+``SegAugment`` is the segmentation stage's transform (DeepLab-v2), image and class mask together:
+random rescale by a factor uniform in [0.5, 1.5] (image bilinear, mask nearest, both sampled at
+pixel centres so they stay aligned), horizontal flip, random crop with padding (image: the mean
+colour, mask: 255 = ignore); no colour jitter. The loader picks the task from the augment
+object's ``task`` ("cls" for ``TrainAugment``, "seg" for ``SegAugment``).
 """
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -36,6 +44,7 @@ cv2.setNumThreads(1)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_U8 = tuple(round(255 * m) for m in IMAGENET_MEAN)
+IGNORE_INDEX = 255                                # mask value: not a class, no loss
 _RAW_PIXELS = cv2.IMREAD_IGNORE_ORIENTATION       # masks are stored in raw pixel order
 
 
@@ -59,8 +68,26 @@ def decode_gray(data: bytes) -> np.ndarray:
     return img
 
 
+def decode_mask(data: bytes) -> np.ndarray:
+    """Class-index PNG bytes -> (H, W) uint8: the palette indices of a palette (``P``) PNG (the
+    pseudo-masks of epsdist/infer.py), or the values of an 8-bit gray (``L``) one (the shard
+    writers' ground truth). OpenCV would turn palette indices into colours, so this uses PIL.
+    Raises DecodeError."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("P", "L"):
+                raise DecodeError(f"mask PNG of mode {im.mode}, expected P or L class indices")
+            return np.array(im, dtype=np.uint8)         # a writable copy
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for bad bytes
+        raise DecodeError(f"not a decodable mask ({e})") from None
+
+
 @dataclass(frozen=True)
 class TrainAugment:
+    task: ClassVar[str] = "cls"                   # the loader yields image + saliency + labels
     resize_long: tuple[int, int] = (256, 512)
     crop_size: int = 448
     hflip: bool = True
@@ -134,8 +161,10 @@ def adjust_hue(image: np.ndarray, f: float) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
-def random_crop(image: np.ndarray, sal: np.ndarray, crop: int, rng: random.Random):
-    """The authors' random crop with padding -> uint8 tensors (3, crop, crop), (1, crop, crop)."""
+def random_crop(image: np.ndarray, sal: np.ndarray, crop: int, rng: random.Random,
+                sal_fill: int = 0):
+    """The authors' random crop with padding -> uint8 tensors (3, crop, crop), (1, crop, crop).
+    The image is padded with the mean colour, the second map with ``sal_fill``."""
     H, W = image.shape[:2]
 
     def offsets(n):
@@ -147,17 +176,55 @@ def random_crop(image: np.ndarray, sal: np.ndarray, crop: int, rng: random.Rando
     cy, iy, hh = offsets(H)
     cx, ix, ww = offsets(W)
     out_img = torch.tensor(MEAN_U8, dtype=torch.uint8).view(3, 1, 1).repeat(1, crop, crop)
-    out_sal = torch.zeros((1, crop, crop), dtype=torch.uint8)
+    out_sal = torch.full((1, crop, crop), sal_fill, dtype=torch.uint8)
     out_img[:, cy:cy + hh, cx:cx + ww] = torch.from_numpy(
         np.ascontiguousarray(image[iy:iy + hh, ix:ix + ww].transpose(2, 0, 1)))
     out_sal[0, cy:cy + hh, cx:cx + ww] = torch.from_numpy(sal[iy:iy + hh, ix:ix + ww])
     return out_img, out_sal
 
 
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (b, 3, H, W) images -> float32 ImageNet-normalised, on the tensor's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
 def normalize_batch(images: torch.Tensor, sals: torch.Tensor):
     """uint8 (b, 3, H, W) images and (b, 1, H, W) saliency -> float32 ImageNet-normalised
     images and saliency in [0, 1], on the tensors' device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    images = images.float().div_(255).sub_(mean).div_(std)
-    return images, sals.float().div_(255)
+    return normalize_images(images), sals.float().div_(255)
+
+
+@dataclass(frozen=True)
+class SegAugment:
+    """The DeepLab-v2 training augmentation of an image and its class mask (see module doc).
+
+    ``aug(image, mask, rng)``: uint8 image (H, W, 3) RGB and mask (H, W) -> uint8 tensors
+    image (3, crop, crop) and mask (crop, crop), padding = mean colour / 255."""
+
+    task: ClassVar[str] = "seg"                   # the loader yields image + mask (+ labels)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    crop_size: int = 321
+    hflip: bool = True
+
+    def __post_init__(self):
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range: expected 0 < lo <= hi, got {self.scale_range}")
+        if self.crop_size < 1:
+            raise ValueError(f"crop_size: expected >= 1, got {self.crop_size}")
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: random.Random):
+        H, W = image.shape[:2]
+        scale = rng.uniform(*self.scale_range)
+        size = (max(1, round(W * scale)), max(1, round(H * scale)))      # cv2 takes (w, h)
+        if size != (W, H):
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            # INTER_NEAREST_EXACT samples at pixel centres like INTER_LINEAR (PIL's NEAREST);
+            # plain INTER_NEAREST is shifted by up to half a source pixel
+            mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        if self.hflip and rng.random() < 0.5:
+            image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
+        image, mask = random_crop(image, mask, self.crop_size, rng, sal_fill=IGNORE_INDEX)
+        return image, mask[0]

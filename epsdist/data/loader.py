@@ -24,6 +24,12 @@ n DataLoader workers per rank):
    missing saliency, a size mismatch or the samples lost to a truncated tar are replaced by a
    good sample of the same batch, and counted by reason in ``loader.skipped``; the first
    few are logged with their shard and key.
+
+Segmentation (``augment=SegAugment(...)``, the segmentation stage): the same plan, positions,
+workers and resume; a sample is the image and its ``seg.png`` class mask (a pseudo-mask or the
+ground truth; the saliency is not read) and a batch is ``Batch(image, None, labels, keys,
+mask)`` with ``mask`` (b, crop, crop) int64 (uint8 through the worker queue), 255 = ignore.
+A mask of the wrong size or with values outside 0..C and 255 is a skipped sample.
 """
 from __future__ import annotations
 
@@ -33,15 +39,19 @@ import json
 import logging
 import os
 import random
+import signal
 import tarfile
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .augment import DecodeError, TrainAugment, decode_gray, decode_rgb, normalize_batch
-from .manifest import CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, iter_tar_samples, read_manifest
+from .augment import (IGNORE_INDEX, DecodeError, SegAugment, TrainAugment, decode_gray,
+                      decode_mask, decode_rgb, normalize_batch, normalize_images)
+from .manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD, iter_tar_samples,
+                       read_manifest)
 
 log = logging.getLogger("epsdist.data")
 MAX_LOGGED_SKIPS = 10
@@ -49,9 +59,10 @@ MAX_LOGGED_SKIPS = 10
 
 class Batch(NamedTuple):
     image: torch.Tensor      # (b, 3, crop, crop) float32, ImageNet-normalised (uint8 in workers)
-    saliency: torch.Tensor   # (b, 1, crop, crop) float32 in [0, 1] (uint8 in workers)
+    saliency: torch.Tensor   # (b, 1, crop, crop) float32 in [0, 1] (uint8 in workers); seg: None
     labels: torch.Tensor     # (b, C) float32 multi-hot
     keys: list               # b sample keys (image ids)
+    mask: torch.Tensor | None = None  # seg: (b, crop, crop) int64, 255 = ignore (uint8 in workers)
 
 
 class SkipSample(Exception):
@@ -124,7 +135,10 @@ def _read_shard_part(shard_dir: str, name: str, lo: int, hi: int) -> Iterator[di
 # --------------------------------------------------------------------------- decoding
 
 def decode_sample(raw: dict, num_classes: int, augment: TrainAugment, seed: int, epoch: int):
-    """Raw sample -> (image, saliency, labels, key); raises SkipSample with the reason."""
+    """Raw sample -> (image, saliency, labels, key) -- or (image, mask, labels, key) for a
+    segmentation augment; raises SkipSample with the reason."""
+    if getattr(augment, "task", "cls") == "seg":
+        return decode_seg_sample(raw, num_classes, augment, seed, epoch)
     if "__error__" in raw:
         raise SkipSample(raw["__error__"])
     key = raw["__key__"]
@@ -155,6 +169,43 @@ def decode_sample(raw: dict, num_classes: int, augment: TrainAugment, seed: int,
     return image, sal, labels, key
 
 
+def decode_seg_sample(raw: dict, num_classes: int, augment: SegAugment, seed: int, epoch: int):
+    """Raw sample -> (image, mask, labels, key) for the segmentation stage; raises SkipSample.
+    Labels come from ``cls.json``, or from the classes present in the mask without one."""
+    if "__error__" in raw:
+        raise SkipSample(raw["__error__"])
+    key = raw["__key__"]
+    image_bytes = next((raw[f] for f in IMAGE_FIELDS if f in raw), None)
+    if image_bytes is None:
+        raise SkipSample("missing image")
+    if SEG_FIELD not in raw:
+        raise SkipSample("missing mask")
+    try:
+        image = decode_rgb(image_bytes)
+    except DecodeError:
+        raise SkipSample("corrupt image") from None
+    try:
+        mask = decode_mask(raw[SEG_FIELD])
+    except DecodeError:
+        raise SkipSample("corrupt mask") from None
+    if mask.shape != image.shape[:2]:
+        raise SkipSample("image/mask size mismatch")
+    present = np.bincount(mask.ravel(), minlength=256)
+    if present[num_classes + 1:IGNORE_INDEX].any() or present[IGNORE_INDEX + 1:].any():
+        raise SkipSample("mask values outside 0..C and 255")
+    if CLS_FIELD in raw:
+        try:
+            labels = torch.tensor(json.loads(raw[CLS_FIELD]), dtype=torch.float32)
+        except (ValueError, TypeError):
+            raise SkipSample("corrupt labels") from None
+        if labels.shape != (num_classes,):
+            raise SkipSample("labels of the wrong length")
+    else:
+        labels = torch.from_numpy(present[1:num_classes + 1] > 0).float()
+    image, mask = augment(image, mask, random.Random(f"{seed}/{epoch}/{key}"))
+    return image, mask, labels, key
+
+
 class _Skipped(NamedTuple):
     """A sample that was skipped, in place in the stream."""
 
@@ -163,10 +214,11 @@ class _Skipped(NamedTuple):
     key: str
 
 
-def batch_with_substitutes(decoded: Iterator, batch_size: int, where: str):
+def batch_with_substitutes(decoded: Iterator, batch_size: int, where: str, task: str = "cls"):
     """Group (sample | SkipSample) into batches of exactly ``batch_size``; a skipped sample is
     replaced by a good one of the same batch (or the last good one seen). Yields
-    ``(Batch, [(reason, shard, key), ...])``."""
+    ``(Batch, [(reason, shard, key), ...])``; for ``task="seg"`` the samples' second item is
+    the mask and goes to ``Batch.mask``."""
     last_good = None
     for group in iter(lambda: list(itertools.islice(decoded, batch_size)), []):
         good = [s for s in group if not isinstance(s, _Skipped)]
@@ -178,9 +230,13 @@ def batch_with_substitutes(decoded: Iterator, batch_size: int, where: str):
                                f"{skips[0][1]} {skips[0][2]}: {skips[0][0]}")
         filled = [s if not isinstance(s, _Skipped) else (good[i % len(good)] if good else last_good)
                   for i, s in enumerate(group)]
-        images, sals, labels, keys = zip(*filled)
+        images, sals, labels, keys = zip(*filled)            # seg: sals are the masks
         # default_collate stacks straight into shared memory inside a DataLoader worker,
         # which saves the copy the worker->main queue would otherwise make
+        if task == "seg":
+            yield Batch(default_collate(images), None, default_collate(labels), list(keys),
+                        mask=default_collate(sals)), skips
+            continue
         yield Batch(default_collate(images), default_collate(sals), default_collate(labels),
                     list(keys)), skips
 
@@ -216,7 +272,8 @@ class _EpochStream(IterableDataset):
         decoded = (self._decode(s) for s in itertools.islice(iter(raw), skip, None))
         where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
         logged = 0
-        for batch, skips in batch_with_substitutes(decoded, self.batch_size, where):
+        task = getattr(self.augment, "task", "cls")
+        for batch, skips in batch_with_substitutes(decoded, self.batch_size, where, task):
             for reason, shard, key in skips:
                 if logged < MAX_LOGGED_SKIPS:
                     log.warning("skipping sample %s of %s: %s (%s)", key, shard, reason, where)
@@ -231,16 +288,24 @@ class _EpochStream(IterableDataset):
             return _Skipped(str(e), raw.get("__shard__"), raw.get("__key__"))
 
 
+def _ignore_stop_signal(worker_id: int) -> None:
+    """Workers leave SIGUSR1 (Slurm's time-limit warning, delivered to every process of the
+    step) to the trainer process, which checkpoints and exits."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Training batches for one rank; iterate once per epoch (``for batch in loader``).
 
     ``len(loader)`` is the batch count of a whole epoch, equal on every rank. Workers send
     uint8 crops; the batch is moved to ``device`` (pinned, asynchronous on CUDA) and
-    normalised there.
+    normalised there. ``augment``: ``TrainAugment`` (stage 1: image, saliency, labels) or
+    ``SegAugment`` (segmentation: image, mask, labels).
     """
 
     def __init__(self, shard_dir: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, seed: int = 0, augment: TrainAugment | None = None,
+                 num_workers: int = 2, seed: int = 0,
+                 augment: TrainAugment | SegAugment | None = None,
                  shuffle_buffer: int = 256, device: torch.device | str | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
@@ -269,10 +334,16 @@ class ShardLoader:
             shuffle_buffer=self.shuffle_buffer)
         cuda = self.device.type == "cuda"
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            worker_init_fn=_ignore_stop_signal if self.num_workers else None,
                             pin_memory=cuda, prefetch_factor=2 if self.num_workers else None)
         for batch, reasons in loader:
             self.skipped.update(reasons)
             self.consumed += 1
+            if batch.mask is not None:
+                images = normalize_images(batch.image.to(self.device, non_blocking=cuda))
+                yield Batch(images, None, batch.labels.to(self.device, non_blocking=cuda),
+                            batch.keys, batch.mask.to(self.device, non_blocking=cuda).long())
+                continue
             images, sals = (t.to(self.device, non_blocking=cuda) for t in batch[:2])
             images, sals = normalize_batch(images, sals)
             yield Batch(images, sals, batch.labels.to(self.device, non_blocking=cuda), batch.keys)

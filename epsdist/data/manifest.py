@@ -147,3 +147,22 @@ def iter_tar_samples(path: str, want: Callable[[int], bool] = lambda i: True,
                 current[field] = tar.extractfile(member).read()
         if current is not None:
             yield index, (current if keep else None)
+
+
+def iter_rank_samples(directory: str, manifest: dict, rank: int = 0, world_size: int = 1,
+                      limit: int | None = None) -> Iterator[tuple[int, dict]]:
+    """``(global index, sample)`` for this rank's share of a shard directory: the samples whose
+    index in shard order (counts from the manifest) is ``rank`` modulo ``world_size`` (the split
+    of epsdist/infer.py), only the first ``limit`` samples when given. Other ranks' samples are
+    never read."""
+    stop = manifest["num_samples"] if limit is None else min(limit, manifest["num_samples"])
+    offset = 0
+    for path, entry in zip(shard_paths(directory, manifest), manifest["shards"]):
+        if offset >= stop:
+            return
+        start = offset
+        mine = lambda i, start=start: (start + i) % world_size == rank  # noqa: E731
+        for index, sample in iter_tar_samples(path, want=mine, stop=stop - start):
+            if sample is not None:
+                yield start + index, sample
+        offset += entry["count"]
