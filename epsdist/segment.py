@@ -24,8 +24,8 @@ import time
 
 from epsdist import dist as D
 from epsdist import evaluate, stage1
-from epsdist.checkpoint import PREEMPT_EXIT, Checkpointer, StopRequest, rng_state, tag_for
-from epsdist.config import SegConfig, add_config_args, config_from_args, save_config, to_dict
+from epsdist.checkpoint import PREEMPT_EXIT, Checkpointer, StopRequest, tag_for
+from epsdist.config import SegConfig, add_config_args, config_from_args, save_config
 from epsdist.seg import eval as seg_eval
 from epsdist.seg import step
 from epsdist.seg.models import build_seg_model, sync_batchnorm
@@ -127,45 +127,24 @@ def train(cfg: SegConfig, info, engine, loader, ckpt: Checkpointer, start: int, 
           stop: StopRequest, stop_after: int | None = None) -> bool:
     """Iterations ``start`` .. ``train.max_iters``; True when stopped by SIGUSR1 (checkpointed)."""
     logger = report.logger = stage1.RunLogger(cfg.run.dir, info, cfg, start)
+    control = stage1.LoopControl(cfg, info, engine, loader, ckpt, logger, stop_after)
     stream = batches(loader)
-    skipped_steps, last_finite = 0, None
     for it in range(start, cfg.train.max_iters):
         t0 = time.perf_counter()
         batch = next(stream)
         data_wait = time.perf_counter() - t0
         lr = stage1.set_lr(engine, cfg, it)
         result = step.train_step(engine, batch, cfg, info, stop.requested)
-        if not result.finite:
-            if cfg.train.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {it + 1} on at least one rank; last finite "
-                    f"values: {last_finite}. Lower train.lr, or set train.on_nonfinite=skip")
-            skipped_steps += 1
-            log.warning("non-finite loss at iteration %d: step skipped (%d so far)", it + 1,
-                        skipped_steps)
-        else:
-            last_finite = {"iteration": it + 1, "loss": result.loss}
+        control.check(it, result.finite, {"loss": result.loss})
         logger.record(it, {"loss/seg": result.loss}, lr, data_wait, f"loss {result.loss:.4f}")
         if info.is_main and cfg.run.panel_every and (it + 1) % cfg.run.panel_every == 0:
             logger.image("panel", step.panel(batch, result.logits), it + 1)
-        last = it + 1 == cfg.train.max_iters
-        if last or (cfg.eval.every and (it + 1) % cfg.eval.every == 0):
+        if it + 1 == cfg.train.max_iters or (cfg.eval.every and (it + 1) % cfg.eval.every == 0):
             t1 = time.perf_counter()                              # before the checkpoint: a
             report.evaluate(engine, it + 1)                       # crash in it repeats it
             logger.exclude(time.perf_counter() - t1)
-        if (it + 1) % cfg.run.save_every == 0 or last or result.stop:
-            ckpt.save(engine, it + 1,
-                      client_state={"iteration": it + 1, "config": to_dict(cfg),
-                                    "skipped_steps": skipped_steps},
-                      rank_state={"rng": rng_state(), "loader": loader.state_dict()})
-        if result.stop:
-            logger.close()
-            if info.is_main:
-                print(f"stopping at iteration {it + 1} on SIGUSR1 (checkpoint written)", flush=True)
+        if control.finish(it, result.stop):
             return True
-        if stop_after is not None and it + 1 == stop_after:
-            logger.close()
-            os._exit(3)
     logger.close()
     return False
 

@@ -185,6 +185,53 @@ def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo,
     return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach(), stop)
 
 
+# ------------------------------------------------------------------------------ loop control
+
+class LoopControl:
+    """End-of-iteration bookkeeping shared by both trainers: the non-finite-loss policy
+    (``train.on_nonfinite``), checkpoints every ``run.save_every`` iterations and at the end,
+    SIGUSR1 (checkpoint, then stop) and the ``--stop-after`` crash simulation."""
+
+    def __init__(self, cfg, info: D.DistInfo, engine, loader, ckpt, logger,
+                 stop_after: int | None = None):
+        self.cfg, self.info, self.engine, self.loader = cfg, info, engine, loader
+        self.ckpt, self.logger, self.stop_after = ckpt, logger, stop_after
+        self.skipped_steps, self.last_finite = 0, None
+
+    def check(self, it: int, finite: bool, losses: dict) -> None:
+        """Remember the last finite losses, or apply the policy to a non-finite step."""
+        if finite:
+            self.last_finite = {"iteration": it + 1, **losses}
+            return
+        if self.cfg.train.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss at iteration {it + 1} on at least one rank; last finite "
+                f"values: {self.last_finite}. Lower train.lr, or set train.on_nonfinite=skip")
+        self.skipped_steps += 1
+        log.warning("non-finite loss at iteration %d: step skipped (%d so far)", it + 1,
+                    self.skipped_steps)
+
+    def finish(self, it: int, stop: bool) -> bool:
+        """Checkpoint when due (or when stopping); True when the loop must end now (SIGUSR1)."""
+        from .checkpoint import rng_state
+        from .config import to_dict
+        done = it + 1
+        if done % self.cfg.run.save_every == 0 or done == self.cfg.train.max_iters or stop:
+            self.ckpt.save(self.engine, done,
+                           client_state={"iteration": done, "config": to_dict(self.cfg),
+                                         "skipped_steps": self.skipped_steps},
+                           rank_state={"rng": rng_state(), "loader": self.loader.state_dict()})
+        if stop:
+            self.logger.close()
+            if self.info.is_main:
+                print(f"stopping at iteration {done} on SIGUSR1 (checkpoint written)", flush=True)
+            return True
+        if self.stop_after is not None and done == self.stop_after:
+            self.logger.close()
+            os._exit(3)                              # a crash: no cleanup, no final checkpoint
+        return False
+
+
 # ------------------------------------------------------------------------------ panels
 
 def panel(batch, cam: torch.Tensor, cfg: EPSConfig) -> torch.Tensor:

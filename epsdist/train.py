@@ -25,7 +25,7 @@ import torch
 from epsdist import dist as D
 from epsdist import stage1
 from epsdist.checkpoint import (PREEMPT_EXIT, Checkpointer, StopRequest, atomic_torch_save,
-                                rng_state, set_rng_state)
+                                set_rng_state)
 from epsdist.config import EPSConfig, add_config_args, config_from_args, save_config, to_dict
 from epsdist.models import build_model
 
@@ -99,42 +99,21 @@ def train(cfg: EPSConfig, info, engine, loader, ckpt: Checkpointer, start: int,
     """Iterations ``start`` .. ``train.max_iters``; returns True when stopped by SIGUSR1 (after
     writing a checkpoint of the iteration reached)."""
     logger = stage1.RunLogger(cfg.run.dir, info, cfg, start)
+    control = stage1.LoopControl(cfg, info, engine, loader, ckpt, logger, stop_after)
     stream = batches(loader)
-    skipped_steps = 0
-    last_finite = None
     for it in range(start, cfg.train.max_iters):
         t0 = time.perf_counter()
         batch = next(stream)
         data_wait = time.perf_counter() - t0
         lr = stage1.set_lr(engine, cfg, it)
         result = stage1.train_step(engine, batch, cfg, info, stop.requested)
-        if not result.finite:
-            if cfg.train.on_nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss at iteration {it + 1} on at least one rank; last finite "
-                    f"values: {last_finite}. Lower train.lr, or set train.on_nonfinite=skip")
-            skipped_steps += 1
-            logging.getLogger("epsdist.train").warning(
-                "non-finite loss at iteration %d: step skipped (%d so far)", it + 1, skipped_steps)
-        else:
-            last_finite = {"iteration": it + 1, "loss_cls": result.loss_cls,
-                           "loss_sal": result.loss_sal}
+        control.check(it, result.finite, {"loss_cls": result.loss_cls,
+                                          "loss_sal": result.loss_sal})
         logger.step(it, result, lr, data_wait)
         if info.is_main and cfg.run.panel_every and (it + 1) % cfg.run.panel_every == 0:
             logger.image("panel", stage1.panel(batch, result.cam, cfg), it + 1)
-        if (it + 1) % cfg.run.save_every == 0 or it + 1 == cfg.train.max_iters or result.stop:
-            ckpt.save(engine, it + 1,
-                      client_state={"iteration": it + 1, "config": to_dict(cfg),
-                                    "skipped_steps": skipped_steps},
-                      rank_state={"rng": rng_state(), "loader": loader.state_dict()})
-        if result.stop:
-            logger.close()
-            if info.is_main:
-                print(f"stopping at iteration {it + 1} on SIGUSR1 (checkpoint written)", flush=True)
+        if control.finish(it, result.stop):
             return True
-        if stop_after is not None and it + 1 == stop_after:
-            logger.close()
-            os._exit(3)
     logger.close()
     return False
 

@@ -165,7 +165,7 @@ def measure_copy_bandwidth() -> float | None:
     dst = torch.empty_like(src)
     ms, _ = time_fn(lambda: dst.copy_(src), reps=0, warmup=0, cuda=True)
     nbytes = src.numel() * src.element_size()
-    del src, dst
+    src = dst = None                      # free before emptying the cache
     torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e9
 

@@ -1,4 +1,5 @@
-"""The sbatch scripts (slurm/train_voc.sh, slurm/train_coco.sh) against a real Slurm.
+"""The sbatch scripts (slurm/train_voc.sh, train_coco.sh, pseudo_masks.sh, train_seg.sh) against
+a real Slurm.
 
 tests/slurm/local_slurm.sh brings up a throw-away cluster on this machine from Debian's packages
 (two fake nodes on 127.0.0.1 with two fake GPUs each: the jobs see CUDA_VISIBLE_DEVICES but no
@@ -7,8 +8,11 @@ end (unless it was already running). It needs root; elsewhere these tests skip, 
 CI (CI set in the environment) a cluster that cannot be started is a failure, not a skip.
 EPSDIST_SKIP_SLURM=1 skips them on purpose.
 
-Each job is `timeout 900 sbatch --wait ... slurm/train_*.sh key=value ...` with the synthetic
+Each job is `timeout 900 sbatch --wait ... slurm/<script>.sh key=value ...` with the synthetic
 recipe, exactly as a user submits it, with the #SBATCH resources overridden on the command line.
+The stages follow each other as in a real run: the two-node training's export makes the
+pseudo-masks (pseudo_masks.sh, stopped by the time-limit signal and requeued on the way), and
+their shards train the segmentation stage (train_seg.sh).
 """
 import fcntl
 import json
@@ -22,16 +26,19 @@ import time
 import pytest
 
 from epsdist.data import shard, synthetic
+from epsdist.data.manifest import iter_tar_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_SLURM = os.path.join(REPO, "tests", "slurm", "local_slurm.sh")
 SCRIPTS = [os.path.join(REPO, "slurm", name) for name in ("train_voc.sh", "train_coco.sh")]
+ALL_SCRIPTS = SCRIPTS + [os.path.join(REPO, "slurm", name)
+                         for name in ("pseudo_masks.sh", "train_seg.sh")]
 SBATCH_TIMEOUT = 900
 
 
 # ------------------------------------------------------------------ without a cluster
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=os.path.basename)
 def test_script_parses_and_asks_for_what_the_issue_says(script):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     text = open(script).read()
@@ -46,12 +53,26 @@ def test_script_parses_and_asks_for_what_the_issue_says(script):
     assert "nvidia-smi" not in text + open(os.path.join(REPO, "slurm", "common.sh")).read()
 
 
-def test_outside_a_job_it_says_to_use_sbatch(tmp_path):
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=os.path.basename)
+def test_outside_a_job_it_says_to_use_sbatch(script):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    out = subprocess.run(["bash", SCRIPTS[1]], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run(["bash", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2
     assert "submit with sbatch" in out.stderr
+
+
+def test_pseudo_masks_without_a_checkpoint_says_which_and_launches_nothing(tmp_path):
+    """Checked before srun: a missing export is status 2 (not requeued) naming the path it
+    looked for, RUN/export/model.pt with RUN from EPSDIST_RUN_DIR."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="1", EPSDIST_PYTHON=sys.executable,
+               EPSDIST_CONFIG="configs/synthetic_eps.yaml", EPSDIST_RUN_DIR=str(tmp_path / "run"))
+    out = subprocess.run(["bash", os.path.join(REPO, "slurm", "pseudo_masks.sh")], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"checkpoint {tmp_path}/run/export/model.pt: no such file" in out.stderr
+    assert "srun" not in out.stdout
 
 
 # ------------------------------------------------------------------ the cluster
@@ -123,24 +144,25 @@ def overrides(root, run, **extra):
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def job_env(slurm_conf):
+def job_env(slurm_conf, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                          "TRITON_INTERPRET")}
     env.update(SLURM_CONF=slurm_conf, EPSDIST_CONFIG="configs/synthetic_eps.yaml",
-               EPSDIST_PYTHON=sys.executable, OMP_NUM_THREADS="1")
+               EPSDIST_PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
     return env
 
 
-def sbatch(slurm_conf, root, script, resources, args, name):
-    """`timeout 900 sbatch --wait` from the repository root, as a user would; returns the
-    Popen (stdout: the job id, --parsable) and the path of the job's log."""
+def sbatch(slurm_conf, root, script, resources, args, name, **env):
+    """`timeout 900 sbatch --wait` from the repository root, as a user would (``env``: more
+    EPSDIST_* settings); returns the Popen (stdout: the job id, --parsable), the job id and
+    the path of the job's log."""
     log = root / f"{name}-%j.out"
     cmd = ["timeout", str(SBATCH_TIMEOUT), "sbatch", "--wait", "--parsable", "--time=10",
            f"--job-name={name}", f"--output={log}", *resources,
            os.path.join("slurm", script), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(slurm_conf), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(slurm_conf, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     job_id = proc.stdout.readline().strip().split(";")[0]
     assert job_id.isdigit(), proc.stderr.read()
@@ -247,8 +269,14 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, shards):
     assert rc == 0, text[-4000:] + err
     assert "SIGUSR1" in text and f"requeueing job {job}" in text
     assert f"job {job} (restart 1)" in text
+    # the ranks checkpointed the iteration they stopped at and exited with 75 (EX_TEMPFAIL),
+    # which the batch shell turned into the requeue
+    m = re.search(r"stopping at iteration (\d+) on SIGUSR1 \(checkpoint written\)", text)
+    assert m, text[-4000:]
+    assert "trainer exited with status 75" in text
     n, stopped = _check_resumed(text, run_dir, max_iters)
-    print(f"signalled at iteration {stopped}, resumed at {n}", file=sys.stderr)
+    assert n == stopped == int(m.group(1)), (n, stopped, m.group(1))
+    print(f"signalled: stopped at iteration {stopped}, resumed at {n}", file=sys.stderr)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{max_iters:08d}"
 
 
@@ -266,3 +294,115 @@ def test_requeue_from_outside_resumes(slurm, shards):
     assert rc == 0, text[-4000:] + err
     assert f"job {job} (restart 1)" in text
     _check_resumed(text, run_dir, max_iters)
+
+
+# ------------------------------------------------------------------ the later stages
+
+@pytest.fixture(scope="module")
+def stage1_export(slurm, shards):
+    """RUN/export/model.pt of the two-node training above (trained here, the same way, when
+    that test did not run, e.g. under -k)."""
+    run_dir = shards / "runs" / "two_nodes"
+    if not (run_dir / "export" / "model.pt").exists():
+        proc, job, log = sbatch(slurm, shards, "train_coco.sh", TWO_NODES,
+                                overrides(shards, "two_nodes", **{"train.max_iters": 6,
+                                                                  "run.save_every": 3}), "coco")
+        rc, text, err = finish(proc, log)
+        assert rc == 0, text[-4000:] + err
+    return run_dir
+
+
+def wait_for_files(directory, proc, pattern=".png", timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.isdir(directory) and any(f.endswith(pattern) and not f.startswith(".")
+                                            for f in os.listdir(directory)):
+            return
+        assert proc.poll() is None, "the job ended before writing any " + pattern
+        time.sleep(0.05)
+    raise AssertionError(f"nothing in {directory} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def pseudo_masks(slurm, shards, stage1_export):
+    """slurm/pseudo_masks.sh on the training shards with that export, two nodes x one task, as
+    configured from the environment: the checkpoint from EPSDIST_RUN_DIR, the output directory
+    by default (RUN_pseudo), EPSDIST_INFER_ARGS. As soon as the first mask is written it gets
+    the time-limit signal (`scancel --batch --signal=USR1`, what --signal=B:USR1@120 sends);
+    the requeued job finishes the rest. Returns (rc, log text, sbatch stderr, job id, OUT)."""
+    proc, job, log = sbatch(slurm, shards, "pseudo_masks.sh", TWO_NODES, [], "pseudo",
+                            EPSDIST_RUN_DIR=str(stage1_export),
+                            EPSDIST_SHARDS=str(shards / "shards"),
+                            EPSDIST_INFER_ARGS="--cams --panels 4")
+    out = shards / "runs" / "two_nodes_pseudo"
+    wait_for_files(out / "masks", proc)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True,
+                   env=job_env(slurm))
+    rc, text, err = finish(proc, log)
+    return rc, text, err, job, out
+
+
+def test_pseudo_masks_script_on_two_nodes_continues_after_the_time_limit_signal(shards,
+                                                                               pseudo_masks):
+    rc, text, err, job, out = pseudo_masks
+    assert rc == 0, text[-4000:] + err
+    assert f"pseudo-masks of {shards / 'shards'} with " \
+           f"{shards / 'runs' / 'two_nodes' / 'export' / 'model.pt'} -> {out}" in text
+    assert "rank 1/2 local_rank 0 on node2" in text
+    assert "--cams --panels 4" in text
+    # signalled while working: the ranks stopped, the job was requeued, the restart did the rest
+    assert "SIGUSR1" in text, text[-4000:]
+    assert f"requeueing job {job}; it skips the images already done" in text, text[-4000:]
+    assert f"job {job} (restart 1)" in text
+    m = re.search(r"pseudo-masks: (\d+) written, (\d+) already there, 0 skipped", text)
+    assert m, text[-4000:]
+    written, existing = int(m.group(1)), int(m.group(2))
+    assert existing >= 1 and written + existing == 64, (written, existing)
+    assert len(re.findall(r"pseudo-masks: \d+ written", text)) == 1   # the first run was cut off
+    assert "pseudo-mask inference exited with status 0" in text
+    # a mask, CAMs and a sample in the pseudo-mask shards for every image
+    keys = sorted(sample["__key__"] for path in sorted((shards / "shards").glob("*.tar"))
+                  for _, sample in iter_tar_samples(str(path)) if sample is not None)
+    assert len(keys) == 64
+    assert sorted(f[:-4] for f in os.listdir(out / "masks") if not f.startswith(".")) == keys
+    assert len([f for f in os.listdir(out / "cams") if f.endswith(".npz")]) == 64
+    assert len(os.listdir(out / "panels")) == 4
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 64 and manifest["pseudo_masks"]["missing"] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["mean_iou"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def val_shards(shards):
+    root = shards / "valdata"
+    synthetic.generate(str(root), 1, 16, seed=1, size=96, workers=1, progress=False)
+    summary = shard.shard_voc(str(root), str(root / "saliency"), str(shards / "val_shards"),
+                              split="val", shard_size=16, log=lambda *a: None)
+    assert summary["exit_code"] == 0
+    return shards / "val_shards"
+
+
+def test_seg_script_trains_on_the_pseudo_masks(slurm, shards, pseudo_masks, val_shards):
+    """slurm/train_seg.sh with configs/synthetic_seg.yaml on the pseudo-mask shards (one node,
+    two tasks), the shards from EPSDIST_TRAIN_SHARDS / EPSDIST_VAL_SHARDS."""
+    assert pseudo_masks[0] == 0, "the pseudo-mask job failed"
+    run_dir = shards / "runs" / "seg"
+    args = [f"run.dir={run_dir}", "train.max_iters=4", "eval.every=2", "run.save_every=2",
+            "data.crop_size=64", "run.log_every=1", "run.panel_every=0"]
+    proc, job, log = sbatch(slurm, shards, "train_seg.sh", ONE_NODE_TWO_GPUS, args, "seg",
+                            EPSDIST_CONFIG="configs/synthetic_seg.yaml",
+                            EPSDIST_TRAIN_SHARDS=str(pseudo_masks[4] / "shards"),
+                            EPSDIST_VAL_SHARDS=str(val_shards))
+    rc, text, err = finish(proc, log)
+    assert rc == 0, text[-4000:] + err
+    assert "epsdist/segment.py --config configs/synthetic_seg.yaml --resume auto" in text
+    assert "rank 1/2 local_rank 1 on node1" in text
+    assert "trainer exited with status 0" in text and "requeueing" not in text
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [h["iteration"] for h in report["history"]] == [2, 4]
+    assert report["iteration"] == 4 and 0.0 <= report["mean_iou"] <= 1.0
+    assert report["train_shards"] == str(pseudo_masks[4] / "shards")
+    assert report["val_shards"] == str(val_shards) and report["images"] == 16
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_00000004"
+    assert (run_dir / "export" / "model.pt").exists()

@@ -139,32 +139,10 @@ def decode_sample(raw: dict, num_classes: int, augment: TrainAugment, seed: int,
     segmentation augment; raises SkipSample with the reason."""
     if getattr(augment, "task", "cls") == "seg":
         return decode_seg_sample(raw, num_classes, augment, seed, epoch)
-    if "__error__" in raw:
-        raise SkipSample(raw["__error__"])
-    key = raw["__key__"]
-    image_bytes = next((raw[f] for f in IMAGE_FIELDS if f in raw), None)
-    if image_bytes is None:
-        raise SkipSample("missing image")
-    if SAL_FIELD not in raw:
-        raise SkipSample("missing saliency")
-    if CLS_FIELD not in raw:
+    if CLS_FIELD not in raw and "__error__" not in raw:
         raise SkipSample("missing labels")
-    try:
-        image = decode_rgb(image_bytes)
-    except DecodeError:
-        raise SkipSample("corrupt image") from None
-    try:
-        sal = decode_gray(raw[SAL_FIELD])
-    except DecodeError:
-        raise SkipSample("corrupt saliency") from None
-    if sal.shape != image.shape[:2]:
-        raise SkipSample("image/saliency size mismatch")
-    try:
-        labels = torch.tensor(json.loads(raw[CLS_FIELD]), dtype=torch.float32)
-    except (ValueError, TypeError):
-        raise SkipSample("corrupt labels") from None
-    if labels.shape != (num_classes,):
-        raise SkipSample("labels of the wrong length")
+    key, image, sal = _decode_image_and(raw, SAL_FIELD, decode_gray, "saliency")
+    labels = _decode_labels(raw, num_classes)
     image, sal = augment(image, sal, random.Random(f"{seed}/{epoch}/{key}"))
     return image, sal, labels, key
 
@@ -172,38 +150,48 @@ def decode_sample(raw: dict, num_classes: int, augment: TrainAugment, seed: int,
 def decode_seg_sample(raw: dict, num_classes: int, augment: SegAugment, seed: int, epoch: int):
     """Raw sample -> (image, mask, labels, key) for the segmentation stage; raises SkipSample.
     Labels come from ``cls.json``, or from the classes present in the mask without one."""
+    key, image, mask = _decode_image_and(raw, SEG_FIELD, decode_mask, "mask")
+    present = np.bincount(mask.ravel(), minlength=256)
+    if present[num_classes + 1:IGNORE_INDEX].any() or present[IGNORE_INDEX + 1:].any():
+        raise SkipSample("mask values outside 0..C and 255")
+    if CLS_FIELD in raw:
+        labels = _decode_labels(raw, num_classes)
+    else:
+        labels = torch.from_numpy(present[1:num_classes + 1] > 0).float()
+    image, mask = augment(image, mask, random.Random(f"{seed}/{epoch}/{key}"))
+    return image, mask, labels, key
+
+
+def _decode_image_and(raw: dict, field: str, decode, what: str):
+    """(key, RGB image, decoded ``field``) of a raw sample whose two pictures agree in size."""
     if "__error__" in raw:
         raise SkipSample(raw["__error__"])
-    key = raw["__key__"]
     image_bytes = next((raw[f] for f in IMAGE_FIELDS if f in raw), None)
     if image_bytes is None:
         raise SkipSample("missing image")
-    if SEG_FIELD not in raw:
-        raise SkipSample("missing mask")
+    if field not in raw:
+        raise SkipSample(f"missing {what}")
     try:
         image = decode_rgb(image_bytes)
     except DecodeError:
         raise SkipSample("corrupt image") from None
     try:
-        mask = decode_mask(raw[SEG_FIELD])
+        second = decode(raw[field])
     except DecodeError:
-        raise SkipSample("corrupt mask") from None
-    if mask.shape != image.shape[:2]:
-        raise SkipSample("image/mask size mismatch")
-    present = np.bincount(mask.ravel(), minlength=256)
-    if present[num_classes + 1:IGNORE_INDEX].any() or present[IGNORE_INDEX + 1:].any():
-        raise SkipSample("mask values outside 0..C and 255")
-    if CLS_FIELD in raw:
-        try:
-            labels = torch.tensor(json.loads(raw[CLS_FIELD]), dtype=torch.float32)
-        except (ValueError, TypeError):
-            raise SkipSample("corrupt labels") from None
-        if labels.shape != (num_classes,):
-            raise SkipSample("labels of the wrong length")
-    else:
-        labels = torch.from_numpy(present[1:num_classes + 1] > 0).float()
-    image, mask = augment(image, mask, random.Random(f"{seed}/{epoch}/{key}"))
-    return image, mask, labels, key
+        raise SkipSample(f"corrupt {what}") from None
+    if second.shape != image.shape[:2]:
+        raise SkipSample(f"image/{what} size mismatch")
+    return raw["__key__"], image, second
+
+
+def _decode_labels(raw: dict, num_classes: int) -> torch.Tensor:
+    try:
+        labels = torch.tensor(json.loads(raw[CLS_FIELD]), dtype=torch.float32)
+    except (ValueError, TypeError):
+        raise SkipSample("corrupt labels") from None
+    if labels.shape != (num_classes,):
+        raise SkipSample("labels of the wrong length")
+    return labels
 
 
 class _Skipped(NamedTuple):

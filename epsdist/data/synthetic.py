@@ -201,7 +201,6 @@ def _fit(width: float, ratio: float, avail_h: float, min_w: float) -> float:
 
 def _boat(rng, cv: _Canvas, reg, k: float):
     x0, y0, w, h = reg
-    S = cv.S
     # water band at the bottom of the region, with a wavy top edge
     hb = max(10 * k, h * rng.uniform(0.26, 0.4))
     yb = y0 + h - hb - h * rng.uniform(0.0, 0.08)
