@@ -150,7 +150,8 @@ def job_env(slurm_conf, **extra):
            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                          "TRITON_INTERPRET")}
     env.update(SLURM_CONF=slurm_conf, EPSDIST_CONFIG="configs/synthetic_eps.yaml",
-               EPSDIST_PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+               EPSDIST_PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.update(extra)
     return env
 
 
@@ -330,7 +331,10 @@ def pseudo_masks(slurm, shards, stage1_export):
     by default (RUN_pseudo), EPSDIST_INFER_ARGS. As soon as the first mask is written it gets
     the time-limit signal (`scancel --batch --signal=USR1`, what --signal=B:USR1@120 sends);
     the requeued job finishes the rest. Returns (rc, log text, sbatch stderr, job id, OUT)."""
-    proc, job, log = sbatch(slurm, shards, "pseudo_masks.sh", TWO_NODES, [], "pseudo",
+    # key=value arguments reach infer.py as config overrides; a fifth, larger scale makes the
+    # run take long enough (about 2x) for the signal to arrive while it works
+    proc, job, log = sbatch(slurm, shards, "pseudo_masks.sh", TWO_NODES,
+                            ["infer.scales=[0.5,1.0,1.5,2.0,3.0]"], "pseudo",
                             EPSDIST_RUN_DIR=str(stage1_export),
                             EPSDIST_SHARDS=str(shards / "shards"),
                             EPSDIST_INFER_ARGS="--cams --panels 4")
@@ -349,11 +353,12 @@ def test_pseudo_masks_script_on_two_nodes_continues_after_the_time_limit_signal(
     assert f"pseudo-masks of {shards / 'shards'} with " \
            f"{shards / 'runs' / 'two_nodes' / 'export' / 'model.pt'} -> {out}" in text
     assert "rank 1/2 local_rank 0 on node2" in text
-    assert "--cams --panels 4" in text
+    assert "--cams --panels 4 infer.scales=[0.5,1.0,1.5,2.0,3.0]" in text
     # signalled while working: the ranks stopped, the job was requeued, the restart did the rest
     assert "SIGUSR1" in text, text[-4000:]
     assert f"requeueing job {job}; it skips the images already done" in text, text[-4000:]
-    assert f"job {job} (restart 1)" in text
+    assert f"job {job} (restart 1)" in text, \
+        "the job finished before the signal reached it:\n" + text[-4000:]
     m = re.search(r"pseudo-masks: (\d+) written, (\d+) already there, 0 skipped", text)
     assert m, text[-4000:]
     written, existing = int(m.group(1)), int(m.group(2))
@@ -383,26 +388,41 @@ def val_shards(shards):
     return shards / "val_shards"
 
 
-def test_seg_script_trains_on_the_pseudo_masks(slurm, shards, pseudo_masks, val_shards):
+def test_seg_script_trains_on_the_pseudo_masks_and_requeues_on_status_75(slurm, shards,
+                                                                       pseudo_masks,
+                                                                       val_shards):
     """slurm/train_seg.sh with configs/synthetic_seg.yaml on the pseudo-mask shards (one node,
-    two tasks), the shards from EPSDIST_TRAIN_SHARDS / EPSDIST_VAL_SHARDS."""
+    two tasks), the shards from EPSDIST_TRAIN_SHARDS / EPSDIST_VAL_SHARDS. After its first
+    checkpoint the ranks (not the batch shell: `scancel --signal=USR1` without --batch) get
+    SIGUSR1: segment.py checkpoints and exits with 75, and that status alone requeues the job,
+    which resumes and evaluates on the val shards."""
     assert pseudo_masks[0] == 0, "the pseudo-mask job failed"
+    max_iters = 40
     run_dir = shards / "runs" / "seg"
-    args = [f"run.dir={run_dir}", "train.max_iters=4", "eval.every=2", "run.save_every=2",
-            "data.crop_size=64", "run.log_every=1", "run.panel_every=0"]
+    args = [f"run.dir={run_dir}", f"train.max_iters={max_iters}", "eval.every=20",
+            "run.save_every=5", "data.crop_size=64", "run.log_every=1", "run.panel_every=0"]
     proc, job, log = sbatch(slurm, shards, "train_seg.sh", ONE_NODE_TWO_GPUS, args, "seg",
                             EPSDIST_CONFIG="configs/synthetic_seg.yaml",
                             EPSDIST_TRAIN_SHARDS=str(pseudo_masks[4] / "shards"),
                             EPSDIST_VAL_SHARDS=str(val_shards))
+    wait_for_checkpoint(run_dir, proc)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env=job_env(slurm))
     rc, text, err = finish(proc, log)
     assert rc == 0, text[-4000:] + err
     assert "epsdist/segment.py --config configs/synthetic_seg.yaml --resume auto" in text
     assert "rank 1/2 local_rank 1 on node1" in text
-    assert "trainer exited with status 0" in text and "requeueing" not in text
+    m = re.search(r"stopping at iteration (\d+) on SIGUSR1 \(checkpoint written\)", text)
+    assert m, text[-4000:]
+    stopped = int(m.group(1))
+    assert "SIGUSR1 (time limit" not in text                  # the batch shell got no signal:
+    assert "trainer exited with status 75" in text            # the status requeued the job
+    assert f"requeueing job {job}" in text and f"job {job} (restart 1)" in text
+    assert re.search(rf"resumed from \S+iter_{stopped:08d} at iteration {stopped}\n", text)
+    assert text.rstrip().endswith("trainer exited with status 0")
     report = json.loads((run_dir / "report.json").read_text())
-    assert [h["iteration"] for h in report["history"]] == [2, 4]
-    assert report["iteration"] == 4 and 0.0 <= report["mean_iou"] <= 1.0
+    assert [h["iteration"] for h in report["history"]] == [20, 40]
+    assert report["iteration"] == max_iters and 0.0 <= report["mean_iou"] <= 1.0
     assert report["train_shards"] == str(pseudo_masks[4] / "shards")
     assert report["val_shards"] == str(val_shards) and report["images"] == 16
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_00000004"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"iter_{max_iters:08d}"
     assert (run_dir / "export" / "model.pt").exists()
