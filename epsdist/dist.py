@@ -97,7 +97,29 @@ def setup(timeout_s: float = 600.0) -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s),
                                    rank=rank, world_size=world_size, verbose=False)
+        if backend == "gloo" and world_size > 1:
+            torch_dist.barrier()          # every rank has mapped every rank's buffer by now
+            unlink_deepspeed_shm(rank)
     return DistInfo(rank, local_rank, world_size, backend, device, launcher)
+
+
+def unlink_deepspeed_shm(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer.
+
+    On the CPU, with every rank on one machine, DeepSpeed's shared-memory all-reduce creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MB)
+    while the process group starts, and never removes it: every CPU run would keep 66 MB of RAM
+    per rank until the machine reboots (a test suite or a day of experiments fills /dev/shm and
+    then the memory). Once every rank has mapped every rank's buffer (DeepSpeed's init does that
+    before it returns; the caller's barrier makes sure all have), the names are no longer needed:
+    the mappings stay valid and the kernel frees the memory when the last rank exits, crashed or
+    not."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:              # LOCAL_SIZE != world size: DeepSpeed used no buffer
+        pass
 
 
 def shutdown() -> None:
