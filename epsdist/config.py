@@ -494,6 +494,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="YAML config file (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
                         help="override config keys, e.g. train.lr=0.02 loss.bg_classes=[0,14]")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides, validated) as YAML "
+                             "and exit without touching data, devices or ranks")
     return parser
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from epsdist import dist as D
-from epsdist.config import ModelConfig, add_config_args, config_from_args, from_dict
+from epsdist.config import ModelConfig, add_config_args, config_from_args, dump_yaml, from_dict
 from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, iter_tar_samples, read_manifest,
@@ -133,6 +133,9 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     cfg = config_from_args(args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     export = load_export(args.checkpoint)
     manifest = read_manifest(args.shards)
     if list(manifest["classes"]) != list(export["classes"]):

@@ -25,7 +25,7 @@ import time
 from epsdist import dist as D
 from epsdist import evaluate, stage1
 from epsdist.checkpoint import PREEMPT_EXIT, Checkpointer, StopRequest, tag_for
-from epsdist.config import SegConfig, add_config_args, config_from_args, save_config
+from epsdist.config import SegConfig, add_config_args, config_from_args, dump_yaml, save_config
 from epsdist.seg import eval as seg_eval
 from epsdist.seg import step
 from epsdist.seg.models import build_seg_model, sync_batchnorm
@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     stop = StopRequest()                                          # SIGUSR1 -> checkpoint, exit 75
     cfg = config_from_args(args, SegConfig)                       # 1. config
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     cfg, manifest = step.check_config(cfg)                        #    checked before any rank waits
     info = D.setup(cfg.run.dist_timeout_s)                        # 2. distributed
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,

@@ -26,7 +26,8 @@ from epsdist import dist as D
 from epsdist import stage1
 from epsdist.checkpoint import (PREEMPT_EXIT, Checkpointer, StopRequest, atomic_torch_save,
                                 set_rng_state)
-from epsdist.config import EPSConfig, add_config_args, config_from_args, save_config, to_dict
+from epsdist.config import (EPSConfig, add_config_args, config_from_args, dump_yaml, save_config,
+                            to_dict)
 from epsdist.models import build_model
 
 
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     stop = StopRequest()                                          # SIGUSR1 -> checkpoint, exit 75
     cfg = config_from_args(args)                                  # 1. config
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     manifest = stage1.check_config(cfg)                           #    checked before any rank waits
     info = D.setup(cfg.run.dist_timeout_s)                        # 2. distributed
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
