@@ -1,6 +1,9 @@
 # The two commands a newcomer runs:
-#   make demo   the main job (for now: the kernel microbenchmark on whatever device is here)
+#   make demo   the main job: EPS vs the CAM baseline end to end on the synthetic dataset
+#               (data, shards, two-rank deepspeed training, pseudo-masks, segmentation; one
+#               table at the end; minutes on 2 CPU cores). DEMO_ARGS="--seed 1" passes options.
 #   make test   the test suite
+# make bench runs the EPS-loss kernel microbenchmark on whatever device is here.
 # Both bootstrap a virtual environment in $(VENV) from nothing; when it already exists and
 # setup.py / constraints.txt did not change, the environment is left alone.
 
@@ -9,6 +12,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.epsdist-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test test-all bench env clean-env
 
@@ -23,9 +27,10 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m epsdist_kernels.bench
+	$(PY) -m epsdist.demo --out runs/demo $(DEMO_ARGS)
 
-bench: demo
+bench: $(STAMP)
+	$(PY) -m epsdist_kernels.bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

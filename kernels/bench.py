@@ -24,7 +24,7 @@ Providers, for each (case, mode), the median wall time of:
 
 How to run::
 
-    python -m epsdist_kernels.bench                  # or: make demo
+    python -m epsdist_kernels.bench                  # or: make bench
     python -m epsdist_kernels.bench --cases voc_b8_56 --modes fwd --providers triton,eager \
         --dtype bf16 --json runs/bench.json
     python -m epsdist_kernels.bench --kernel cam_post          # cam_voc, cam_coco

@@ -769,7 +769,7 @@ def main(argv=None) -> int:
     s = generate(a.out, a.num_train, a.num_val, seed=a.seed, size=a.size, workers=a.workers,
                  progress=not a.no_progress)
     print(f"wrote {s['num_train']} train + {s['num_val']} val images ({s['size']}px, seed "
-          f"{s['seed']}) to {s['out_dir']} in {s['seconds']:.2f}s ({s['images_per_s']:.0f} img/s); "
+          f"{s['seed']}) to {a.out} in {s['seconds']:.2f}s ({s['images_per_s']:.0f} img/s); "
           f"classes: {', '.join(s['classes'])}")
     return 0
 
