@@ -128,27 +128,10 @@ class EPSConfig:
     def validate(self) -> None:
         """Raise ConfigError listing every value outside its allowed range."""
         errors = []
-
-        def need(ok, key, rule, value):
-            if not ok:
-                errors.append(f"config key '{key}' must be {rule}, got {value!r}")
-
+        need = _collector(errors)
+        _validate_common(need, self)
         need(0.0 <= self.loss.lam <= 1.0, "loss.lam", "in [0, 1]", self.loss.lam)
         need(0.0 <= self.loss.tau <= 1.0, "loss.tau", "in [0, 1]", self.loss.tau)
-        need(self.train.batch_size >= 1, "train.batch_size", ">= 1", self.train.batch_size)
-        need(self.train.max_iters >= 1, "train.max_iters", ">= 1", self.train.max_iters)
-        need(self.train.grad_accum >= 1, "train.grad_accum", ">= 1", self.train.grad_accum)
-        need(self.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3",
-             self.train.zero_stage)
-        need(self.data.num_classes >= 1, "data.num_classes", ">= 1", self.data.num_classes)
-        need(self.data.crop_size >= 8, "data.crop_size", ">= 8", self.data.crop_size)
-        need(self.data.num_workers >= 0, "data.num_workers", ">= 0", self.data.num_workers)
-        need(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", self.data.shuffle_buffer)
-        need(self.train.lr > 0, "train.lr", "> 0", self.train.lr)
-        need(self.run.log_every >= 1, "run.log_every", ">= 1", self.run.log_every)
-        need(self.run.save_every >= 1, "run.save_every", ">= 1", self.run.save_every)
-        need(self.run.keep_last >= 1, "run.keep_last", ">= 1", self.run.keep_last)
-        need(self.run.dist_timeout_s > 0, "run.dist_timeout_s", "> 0", self.run.dist_timeout_s)
         need(self.loss.strategy != "predefined" or self.loss.bg_classes, "loss.bg_classes",
              "a non-empty class list when loss.strategy is 'predefined'", self.loss.bg_classes)
         need(len(self.infer.scales) > 0 and all(s > 0 for s in self.infer.scales),
@@ -162,6 +145,32 @@ class EPSConfig:
                  f"a class index in [0, data.num_classes={self.data.num_classes})", c)
         if errors:
             raise ConfigError("\n".join(errors))
+
+
+def _collector(errors: list):
+    """``need(ok, key, rule, value)``: appends "config key 'key' must be rule" unless ok."""
+    def need(ok, key, rule, value):
+        if not ok:
+            errors.append(f"config key '{key}' must be {rule}, got {value!r}")
+    return need
+
+
+def _validate_common(need, cfg) -> None:
+    """The checks of the sections both stages have (run, and the shared data/train keys)."""
+    r, d, t = cfg.run, cfg.data, cfg.train
+    need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    need(t.max_iters >= 1, "train.max_iters", ">= 1", t.max_iters)
+    need(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+    need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3", t.zero_stage)
+    need(t.lr > 0, "train.lr", "> 0", t.lr)
+    need(d.num_classes >= 1, "data.num_classes", ">= 1", d.num_classes)
+    need(d.crop_size >= 8, "data.crop_size", ">= 8", d.crop_size)
+    need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    need(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+    need(r.log_every >= 1, "run.log_every", ">= 1", r.log_every)
+    need(r.save_every >= 1, "run.save_every", ">= 1", r.save_every)
+    need(r.keep_last >= 1, "run.keep_last", ">= 1", r.keep_last)
+    need(r.dist_timeout_s > 0, "run.dist_timeout_s", "> 0", r.dist_timeout_s)
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -237,23 +246,11 @@ class SegConfig:
     def validate(self) -> None:
         """Raise ConfigError listing every value outside its allowed range."""
         errors = []
-
-        def need(ok, key, rule, value):
-            if not ok:
-                errors.append(f"config key '{key}' must be {rule}, got {value!r}")
-
+        need = _collector(errors)
+        _validate_common(need, self)
         t, d, m, e = self.train, self.data, self.model, self.eval
-        need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
         need(t.global_batch_size >= 0, "train.global_batch_size", ">= 0 (0: use "
              "train.batch_size per rank)", t.global_batch_size)
-        need(t.max_iters >= 1, "train.max_iters", ">= 1", t.max_iters)
-        need(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
-        need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3", t.zero_stage)
-        need(t.lr > 0, "train.lr", "> 0", t.lr)
-        need(d.num_classes >= 1, "data.num_classes", ">= 1", d.num_classes)
-        need(d.crop_size >= 8, "data.crop_size", ">= 8", d.crop_size)
-        need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
-        need(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
         lo, hi = d.scale_range
         need(0 < lo <= hi, "data.scale_range", "[lo, hi] with 0 < lo <= hi", list(d.scale_range))
         need(len(m.aspp_rates) > 0 and all(r >= 1 for r in m.aspp_rates), "model.aspp_rates",
@@ -275,10 +272,6 @@ class SegConfig:
         for k in ("crf_bi_w", "crf_bi_xy_std", "crf_bi_rgb_std", "crf_pos_w", "crf_pos_xy_std"):
             need(getattr(e, k) > 0, f"eval.{k}", "> 0", getattr(e, k))
         need(e.max_images >= 0, "eval.max_images", ">= 0 (0: all)", e.max_images)
-        need(self.run.log_every >= 1, "run.log_every", ">= 1", self.run.log_every)
-        need(self.run.save_every >= 1, "run.save_every", ">= 1", self.run.save_every)
-        need(self.run.keep_last >= 1, "run.keep_last", ">= 1", self.run.keep_last)
-        need(self.run.dist_timeout_s > 0, "run.dist_timeout_s", "> 0", self.run.dist_timeout_s)
         if errors:
             raise ConfigError("\n".join(errors))
 

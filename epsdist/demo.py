@@ -47,10 +47,13 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
+
+import torch
+
+from epsdist.dist import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"eps": "configs/synthetic_eps.yaml", "cam": "configs/synthetic_cam.yaml",
@@ -79,22 +82,6 @@ class StageError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def gpu_count() -> int:
-    """CUDA devices usable here; 0 without importing torch when there is obviously none."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return 0
-    if not glob.glob("/dev/nvidia[0-9]*") and shutil.which("nvidia-smi") is None:
-        return 0
-    import torch
-    return torch.cuda.device_count()
 
 
 def deepspeed_bin() -> str:
@@ -263,7 +250,7 @@ def main(argv=None) -> int:
         f.write("written by python -m epsdist.demo: its next run replaces "
                 f"{', '.join(SUBDIRS)} here\n")
 
-    gpus = gpu_count()
+    gpus = torch.cuda.device_count()
     on_gpu = gpus > 0
     ranks = a.num_gpus or gpus or 2
     print(f"epsdist demo: seed {a.seed}, {a.num_train} train + {a.num_val} val images of "

@@ -68,10 +68,10 @@ def launcher_env(environ=None) -> tuple[dict, str]:
                 "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
                 "MASTER_PORT": port}, "slurm"
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}, "single"
+            "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}, "single"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A free loopback port for a one-process group (two single-process runs on one machine
     must not collide on a fixed port)."""
     import socket

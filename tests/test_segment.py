@@ -7,7 +7,6 @@ import io
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ from epsdist.data.augment import IGNORE_INDEX, MEAN_U8, SegAugment, decode_mask
 from epsdist.data.loader import ShardLoader
 from epsdist.data.manifest import (FORMAT, iter_rank_samples, iter_tar_samples, read_manifest,
                                    sha256_file, write_manifest)
+from epsdist.dist import free_port
 from epsdist.models import param_groups
 from epsdist.seg.models import ASPPv2, build_seg_model
 from epsdist.seg.step import resolve_batch, seg_loss
@@ -36,12 +36,6 @@ N = 20                                            # crash / evaluation / checkpo
 COMMON = ("data.train_shards=shards/train", "data.val_shards=shards/val", "run.log_every=1",
           f"run.save_every={N}", f"eval.every={N}", "run.panel_every=10",
           f"train.max_iters={2 * N}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, cwd, timeout=600):

@@ -4,7 +4,6 @@ launcher environments and the dead-rank timeout."""
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from epsdist import dist as D
+from epsdist.dist import free_port
 from epsdist.checkpoint import Checkpointer
 from epsdist.config import ConfigError, load_config
 from epsdist.data import shard, synthetic
@@ -20,12 +20,6 @@ from epsdist.data import shard, synthetic
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "epsdist", "train.py")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, cwd, timeout=600):

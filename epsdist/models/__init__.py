@@ -31,7 +31,7 @@ from .resnets import TorchvisionResNet, load_torchvision_resnet
 from .tiny import TinyBackbone
 
 __all__ = [
-    "EPSNet", "build_model", "build_backbone", "param_groups", "count_parameters",
+    "EPSNet", "build_model", "build_backbone", "param_groups", "count_parameters", "weights_path",
     "ResNet38", "TorchvisionResNet", "TinyBackbone",
     "load_mxnet_params", "save_mxnet_params", "resnet38_state_dict_from_mxnet",
     "load_resnet38_imagenet", "load_torchvision_resnet",
@@ -115,6 +115,25 @@ def _load_weights(model: EPSNet, name: str, path: str, log) -> None:
                 f"(ignored): {', '.join(unexpected)}")
 
 
+def weights_path(weights: str, backbone: str, log) -> str | None:
+    """The file named by ``model.weights``, or None for ``none`` (training from scratch is
+    logged: a warning except for the tiny backbone). A missing file is a FileNotFoundError that
+    names ``model.weights``."""
+    if weights.strip().lower() in ("none", ""):
+        level = "note" if backbone == "tiny" else "WARNING"
+        log(f"{level}: model.weights is 'none': training {backbone} from scratch "
+            f"(random initialisation, no ImageNet weights)")
+        return None
+    path = os.path.expanduser(os.path.expandvars(weights))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.weights: weights file '{weights}' not found"
+            + (f" (resolved to '{path}')" if path != weights else "")
+            + f"; give the path of the {backbone} ImageNet weights, or 'none' to "
+              f"train from scratch")
+    return path
+
+
 def build_model(cfg, num_classes: int, log=print) -> EPSNet:
     """The stage-1 network for ``cfg`` (a ``ModelConfig``) and ``num_classes`` foreground
     classes, with its backbone weights loaded.
@@ -126,19 +145,8 @@ def build_model(cfg, num_classes: int, log=print) -> EPSNet:
     """
     backbone = build_backbone(cfg.backbone, cfg.output_stride)
     model = EPSNet(backbone, num_classes, eps_head=cfg.eps_head, backbone_name=cfg.backbone)
-    weights = cfg.weights
-    if weights.strip().lower() in ("none", ""):
-        level = "note" if cfg.backbone == "tiny" else "WARNING"
-        log(f"{level}: model.weights is 'none': training {cfg.backbone} from scratch "
-            f"(random initialisation, no ImageNet weights)")
-    else:
-        path = os.path.expanduser(os.path.expandvars(weights))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"model.weights: weights file '{weights}' not found"
-                + (f" (resolved to '{path}')" if path != weights else "")
-                + f"; give the path of the {cfg.backbone} ImageNet weights, or 'none' to "
-                  f"train from scratch")
+    path = weights_path(cfg.weights, cfg.backbone, log)
+    if path is not None:
         _load_weights(model, cfg.backbone, path, log)
     total, trainable = count_parameters(model)
     log(f"model: {cfg.backbone} backbone, {model.num_maps} maps "

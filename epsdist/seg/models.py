@@ -36,12 +36,11 @@ BatchNorms are in no group. Models never touch torch.distributed.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
 
-from ..models import count_parameters
+from ..models import count_parameters, weights_path
 from ..models import _load_weights as load_backbone_weights
 from ..models.resnet38 import freeze_batchnorm
 from ..models.resnets import TorchvisionResNet, load_torchvision_resnet
@@ -156,16 +155,8 @@ def build_seg_model(cfg, num_classes: int, log=print) -> SegNet:
         model = SegNet(backbone, head, num_classes, cfg.output_stride, "deeplabv2", cfg.backbone)
     else:
         raise ValueError(f"model.arch: expected deeplabv2 or deeplabv3, got {cfg.arch!r}")
-    weights = cfg.weights
-    if weights.strip().lower() in ("none", ""):
-        level = "note" if cfg.backbone == "tiny" else "WARNING"
-        log(f"{level}: model.weights is 'none': training the {cfg.backbone} backbone from "
-            f"scratch (no ImageNet weights)")
-    else:
-        path = os.path.expanduser(os.path.expandvars(weights))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model.weights: weights file '{weights}' not found; give "
-                                    f"the {cfg.backbone} ImageNet weights, or 'none'")
+    path = weights_path(cfg.weights, cfg.backbone, log)
+    if path is not None:
         if cfg.arch == "deeplabv3":
             load_torchvision_resnet(model.backbone, path, log)
         else:
