@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     print()
     print(format_table(summary))
     json_path = a.json or os.path.join(out, "summary.json")
-    from epsdist.evaluate import write_json
+    from epsdist.report import write_json
     write_json(json_path, summary)
     print(f"\nsummary: {rel(json_path)}")
     if a.check and not summary["effect"]["reproduced"]:

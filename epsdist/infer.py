@@ -41,11 +41,9 @@ from epsdist.config import ModelConfig, add_config_args, config_from_args, dump_
 from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, iter_tar_samples, read_manifest,
-                                   sha256_file, shard_paths, voc_palette, write_manifest)
+                                   sha256_file, shard_paths, write_manifest)
+from epsdist.data.masks import PALETTE, encode_mask
 from epsdist.models import build_model
-
-PALETTE = voc_palette()
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
@@ -102,14 +100,6 @@ def view_maps(model, image: torch.Tensor, scales, flip: bool, eps: bool):
         views += list(out)
         flips += [False, True][:len(out)]
     return views, flips
-
-
-def encode_mask(mask: np.ndarray) -> bytes:
-    im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(PALETTE)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def panel(image: np.ndarray, sal: np.ndarray | None, norm: np.ndarray, mask: np.ndarray,
@@ -269,8 +259,8 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
 
 
 def report(args, masks_dir: str, num_classes: int, allow_missing: bool) -> None:
-    from epsdist import evaluate
-    result = evaluate.evaluate(masks_dir, args.shards, num_classes, allow_missing=allow_missing)
+    from epsdist.scoring import evaluate
+    result = evaluate(masks_dir, args.shards, num_classes, allow_missing=allow_missing)
     atomic_write_bytes(os.path.join(args.out, "report.json"),
                        json.dumps(result, indent=1, default=float).encode())
     print(f"pseudo-mask mIoU {100 * result['mean_iou']:.2f} "

@@ -23,13 +23,15 @@ import sys
 import time
 
 from epsdist import dist as D
-from epsdist import evaluate, stage1
+from epsdist import stage1
 from epsdist.checkpoint import PREEMPT_EXIT, Checkpointer, StopRequest, tag_for
 from epsdist.config import SegConfig, add_config_args, config_from_args, dump_yaml, save_config
+from epsdist.report import write_json
+from epsdist.runloop import (LoopControl, RunLogger, batches, build_engine, export, resume,
+                             seed_everything, set_lr)
 from epsdist.seg import eval as seg_eval
 from epsdist.seg import step
 from epsdist.seg.models import build_seg_model, sync_batchnorm
-from epsdist.train import batches, export, resume, seed_everything
 
 log = logging.getLogger("epsdist.segment")
 
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
                             log=lambda m: logging.getLogger("epsdist.model").warning(m))
     if cfg.model.sync_bn and info.device.type == "cuda" and info.world_size > 1:
         model = sync_batchnorm(model)
-    engine = stage1.build_engine(model, cfg, info)
+    engine = build_engine(model, cfg, info, stage1.build_optimizer,   # stage 1's recipe: SGD,
+                          stage1.deepspeed_config(cfg, info))      # four groups, same config
     loader = step.build_loader(cfg, info)
     ckpt = Checkpointer(os.path.join(cfg.run.dir, "checkpoints"), info, cfg.run.keep_last)
     if args.eval_only and ckpt.resolve(args.resume) is None:
@@ -114,7 +117,7 @@ class Report:
             self.history.append({k: result[k] for k in ("iteration", "mean_iou",
                                                         "pixel_accuracy", "mean_accuracy",
                                                         "eval", "images", "seconds")})
-            evaluate.write_json(self.path, {
+            write_json(self.path, {
                 **result, "class_names": self.class_names, "run": self.cfg.run.name,
                 "train_shards": self.cfg.data.train_shards,
                 "val_shards": self.cfg.data.val_shards, "history": self.history})
@@ -129,17 +132,18 @@ class Report:
 def train(cfg: SegConfig, info, engine, loader, ckpt: Checkpointer, start: int, report: Report,
           stop: StopRequest, stop_after: int | None = None) -> bool:
     """Iterations ``start`` .. ``train.max_iters``; True when stopped by SIGUSR1 (checkpointed)."""
-    logger = report.logger = stage1.RunLogger(cfg.run.dir, info, cfg, start)
-    control = stage1.LoopControl(cfg, info, engine, loader, ckpt, logger, stop_after)
+    logger = report.logger = RunLogger(cfg.run.dir, info, cfg, start)
+    control = LoopControl(cfg, info, engine, loader, ckpt, logger, stop_after)
     stream = batches(loader)
     for it in range(start, cfg.train.max_iters):
         t0 = time.perf_counter()
         batch = next(stream)
         data_wait = time.perf_counter() - t0
-        lr = stage1.set_lr(engine, cfg, it)
+        lr = set_lr(engine, cfg, it)
         result = step.train_step(engine, batch, cfg, info, stop.requested)
         control.check(it, result.finite, {"loss": result.loss})
-        logger.record(it, {"loss/seg": result.loss}, lr, data_wait, f"loss {result.loss:.4f}")
+        losses, summary = step.log_values(result)
+        logger.record(it, losses, lr, data_wait, summary)
         if info.is_main and cfg.run.panel_every and (it + 1) % cfg.run.panel_every == 0:
             logger.image("panel", step.panel(batch, result.logits), it + 1)
         if it + 1 == cfg.train.max_iters or (cfg.eval.every and (it + 1) % cfg.eval.every == 0):

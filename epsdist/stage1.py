@@ -1,9 +1,11 @@
-"""Stage 1 (the EPS classifier) as named steps; ``epsdist/train.py`` strings them together.
+"""Stage 1 (the EPS classifier): what is particular to it; ``epsdist/train.py`` strings it
+together with the run machinery every stage shares (:mod:`epsdist.runloop`).
 
-check_config -> build_loader -> build_model -> build_engine (SGD with the authors' four
-parameter groups, DeepSpeed config generated from the YAML) -> per iteration: set_lr,
-train_step (forward, losses, a collective NaN check, backward, step) -> log / panels /
-checkpoints -> export.
+check_config -> build_loader -> build_model -> runloop.build_engine with build_optimizer (SGD
+with the authors' four parameter groups) and deepspeed_config (generated from the YAML) -> per
+iteration: runloop.set_lr, train_step (forward, losses, the collective NaN check of
+``runloop.reduce_losses``, backward, step) -> log_values / panel -> runloop's checkpoints and
+export.
 
 Losses: ``multilabel_soft_margin_loss(gap(cam)[:, :C], y)`` plus, for EPS models,
 ``loss.saliency_weight * eps_loss(cam, saliency, y)``; the CAM baseline (``model.eps_head:
@@ -11,11 +13,7 @@ false``) trains the classification term alone.
 """
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +24,7 @@ from .data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
 from .data.loader import ShardLoader
 from .data.manifest import ManifestError, read_manifest
 from .loss import classification_loss, eps_loss
-
-log = logging.getLogger("epsdist.train")
+from .runloop import precision, reduce_losses
 
 
 # ------------------------------------------------------------------------------ checks
@@ -59,13 +56,6 @@ def build_loader(cfg: EPSConfig, info: D.DistInfo) -> ShardLoader:
                        world_size=info.world_size, num_workers=cfg.data.num_workers,
                        seed=cfg.seed, augment=augment, shuffle_buffer=cfg.data.shuffle_buffer,
                        device=info.device)
-
-
-def precision(cfg: EPSConfig, info: D.DistInfo) -> str:
-    """The precision actually used: bf16/fp16 need CUDA, the CPU path runs fp32."""
-    if info.device.type != "cuda" and cfg.train.precision != "fp32":
-        return "fp32"
-    return cfg.train.precision
 
 
 def deepspeed_config(cfg: EPSConfig, info: D.DistInfo) -> dict:
@@ -103,30 +93,6 @@ def build_optimizer(model: torch.nn.Module, cfg: EPSConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
 
-def build_engine(model: torch.nn.Module, cfg: EPSConfig, info: D.DistInfo):
-    import deepspeed
-    model = model.to(info.device)
-    if info.device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, info))
-    if cfg.train.compile:
-        engine.compile()                     # torch.compile of the module, through DeepSpeed
-    return engine
-
-
-def poly_lr(base: float, iteration: int, max_iters: int, power: float) -> float:
-    return base * (1 - iteration / max_iters) ** power
-
-
-def set_lr(engine, cfg: EPSConfig, iteration: int) -> float:
-    lr = poly_lr(cfg.train.lr, iteration, cfg.train.max_iters, cfg.train.poly_power)
-    for g in engine.optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
-    return lr
-
-
 # ------------------------------------------------------------------------------ step
 
 @dataclass
@@ -157,21 +123,6 @@ def forward_losses(engine, batch, cfg: EPSConfig, info: D.DistInfo):
     return cam, loss_cls, loss_sal
 
 
-def reduce_losses(parts: list[torch.Tensor], loss: torch.Tensor, info: D.DistInfo,
-                  stop: bool = False) -> tuple[list[float], bool, bool]:
-    """One all-reduce: the mean over ranks of each loss term in ``parts``, whether the total
-    ``loss`` is finite on every rank, and whether any rank was asked to stop (SIGUSR1). Every
-    rank gets the same answer, so all take the same branch: a NaN or a signal on one rank can
-    neither hang nor desynchronise the others."""
-    stats = torch.stack([p.detach().float() for p in parts]
-                        + [(~torch.isfinite(loss.detach())).float(),
-                           torch.tensor(float(stop), device=loss.device)])
-    D.all_reduce_sum(stats)
-    divisor = torch.tensor([info.world_size] * len(parts) + [1.0, 1.0], device=stats.device)
-    *means, bad, stops = (stats / divisor).tolist()
-    return means, bad == 0, stops > 0
-
-
 def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo,
                stop: bool = False) -> StepResult:
     """Forward, the collective finiteness/stop check (``reduce_losses``), backward, step."""
@@ -185,51 +136,11 @@ def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo,
     return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach(), stop)
 
 
-# ------------------------------------------------------------------------------ loop control
-
-class LoopControl:
-    """End-of-iteration bookkeeping shared by both trainers: the non-finite-loss policy
-    (``train.on_nonfinite``), checkpoints every ``run.save_every`` iterations and at the end,
-    SIGUSR1 (checkpoint, then stop) and the ``--stop-after`` crash simulation."""
-
-    def __init__(self, cfg, info: D.DistInfo, engine, loader, ckpt, logger,
-                 stop_after: int | None = None):
-        self.cfg, self.info, self.engine, self.loader = cfg, info, engine, loader
-        self.ckpt, self.logger, self.stop_after = ckpt, logger, stop_after
-        self.skipped_steps, self.last_finite = 0, None
-
-    def check(self, it: int, finite: bool, losses: dict) -> None:
-        """Remember the last finite losses, or apply the policy to a non-finite step."""
-        if finite:
-            self.last_finite = {"iteration": it + 1, **losses}
-            return
-        if self.cfg.train.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"non-finite loss at iteration {it + 1} on at least one rank; last finite "
-                f"values: {self.last_finite}. Lower train.lr, or set train.on_nonfinite=skip")
-        self.skipped_steps += 1
-        log.warning("non-finite loss at iteration %d: step skipped (%d so far)", it + 1,
-                    self.skipped_steps)
-
-    def finish(self, it: int, stop: bool) -> bool:
-        """Checkpoint when due (or when stopping); True when the loop must end now (SIGUSR1)."""
-        from .checkpoint import rng_state
-        from .config import to_dict
-        done = it + 1
-        if done % self.cfg.run.save_every == 0 or done == self.cfg.train.max_iters or stop:
-            self.ckpt.save(self.engine, done,
-                           client_state={"iteration": done, "config": to_dict(self.cfg),
-                                         "skipped_steps": self.skipped_steps},
-                           rank_state={"rng": rng_state(), "loader": self.loader.state_dict()})
-        if stop:
-            self.logger.close()
-            if self.info.is_main:
-                print(f"stopping at iteration {done} on SIGUSR1 (checkpoint written)", flush=True)
-            return True
-        if self.stop_after is not None and done == self.stop_after:
-            self.logger.close()
-            os._exit(3)                              # a crash: no cleanup, no final checkpoint
-        return False
+def log_values(result: StepResult, cfg: EPSConfig) -> tuple[dict, str]:
+    """What ``RunLogger.record`` logs for a step: the losses by name and the console summary."""
+    total = result.loss_cls + cfg.loss.saliency_weight * result.loss_sal
+    return ({"loss/cls": result.loss_cls, "loss/sal": result.loss_sal, "loss/total": total},
+            f"loss {total:.4f} (cls {result.loss_cls:.4f} sal {result.loss_sal:.4f})")
 
 
 # ------------------------------------------------------------------------------ panels
@@ -265,87 +176,3 @@ def panel(batch, cam: torch.Tensor, cfg: EPSConfig) -> torch.Tensor:
         return make_grid(torch.cat(tiles), nrow=len(tiles), padding=2)
 
 
-# ------------------------------------------------------------------------------ logging
-
-class RunLogger:
-    """Rank 0: a console line every ``run.log_every`` iterations, TensorBoard scalars, and the
-    same numbers as JSON lines in ``run.dir/metrics.jsonl`` (appended; after a resume, a later
-    line for an iteration supersedes an earlier one).
-
-    ``step`` logs a stage-1 ``StepResult``; ``record`` takes any dict of losses (the
-    segmentation stage), ``scalars`` any other numbers (validation results). ``cfg`` needs
-    ``run.log_every``, ``train.max_iters`` and ``train.batch_size``."""
-
-    def __init__(self, run_dir: str, info: D.DistInfo, cfg: EPSConfig, start: int):
-        self.info, self.cfg = info, cfg
-        self.writer = self.jsonl = None
-        if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        self.window_start, self.window_iters, self.wait = time.perf_counter(), 0, 0.0
-        self.start = start
-
-    def step(self, it: int, result: StepResult, lr: float, data_wait: float) -> None:
-        total = result.loss_cls + self.cfg.loss.saliency_weight * result.loss_sal
-        self.record(it, {"loss/cls": result.loss_cls, "loss/sal": result.loss_sal,
-                         "loss/total": total}, lr, data_wait,
-                    f"loss {total:.4f} (cls {result.loss_cls:.4f} sal {result.loss_sal:.4f})")
-
-    def record(self, it: int, losses: dict, lr: float, data_wait: float,
-               summary: str | None = None) -> None:
-        """Count iteration ``it``; every ``run.log_every`` iterations (and at the last) log
-        ``losses`` (name -> rank-mean value), lr, speed and data-wait share. ``summary`` is
-        the loss part of the console line (default: the losses as name value)."""
-        self.window_iters += 1
-        self.wait += data_wait
-        last = it + 1 == self.cfg.train.max_iters
-        if not ((it + 1) % self.cfg.run.log_every == 0 or last):
-            return
-        elapsed = time.perf_counter() - self.window_start
-        imgs = self.window_iters * self.cfg.train.batch_size * self.info.world_size
-        rate = imgs / max(elapsed, 1e-9)
-        wait = self.wait / max(elapsed, 1e-9)
-        eta = (self.cfg.train.max_iters - it - 1) * elapsed / self.window_iters
-        if self.info.is_main:
-            scalars = {**losses, "lr": lr, "speed/img_per_s": rate,
-                       "speed/data_wait_frac": wait}
-            if self.info.device.type == "cuda":
-                scalars["mem/gpu_max_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, it + 1)
-            self.jsonl.write(json.dumps({"iteration": it + 1, **scalars}) + "\n")
-            if summary is None:
-                summary = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-            print(f"it {it + 1:>7}/{self.cfg.train.max_iters} | {summary} | lr {lr:.2e} | "
-                  f"{rate:7.1f} img/s | data {100 * wait:4.1f}% | "
-                  f"ETA {_duration(eta)}", flush=True)
-        self.window_start, self.window_iters, self.wait = time.perf_counter(), 0, 0.0
-
-    def scalars(self, iteration: int, values: dict) -> None:
-        """Rank 0: ``values`` (name -> number) to TensorBoard and one metrics.jsonl line."""
-        if not self.info.is_main:
-            return
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, iteration)
-        self.jsonl.write(json.dumps({"iteration": iteration, **values}) + "\n")
-
-    def exclude(self, seconds: float) -> None:
-        """Leave ``seconds`` spent outside training (an evaluation) out of the speed."""
-        self.window_start += seconds
-
-    def image(self, tag: str, grid: torch.Tensor, it: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, grid.cpu(), it)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.jsonl.close()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

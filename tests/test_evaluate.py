@@ -13,6 +13,9 @@ import pytest
 from PIL import Image
 
 from epsdist import evaluate as ev
+from epsdist import groundtruth as G
+from epsdist import metrics as M
+from epsdist import scoring as S
 from epsdist.data.manifest import FORMAT, sha256_file, write_manifest
 from epsdist.data.synthetic import voc_palette
 
@@ -72,8 +75,9 @@ def make_case(tmp_path, images, *, pred_mode="L", gt_mode="P"):
     return str(gt_dir), str(pred_dir), str(ctx_dir)
 
 
-def make_shards(directory, images, classes, per_shard=2):
-    """Shards in the writer's layout (jpg, sal.png, cls.json, seg.png, ctx.png per sample)."""
+def make_shards(directory, images, classes, per_shard=2, contexts=None):
+    """Shards in the writer's layout (jpg, sal.png, cls.json, seg.png, ctx.png per sample);
+    ``contexts``: the manifest's context names."""
     os.makedirs(directory, exist_ok=True)
     keys = list(images)
     shards = []
@@ -99,7 +103,8 @@ def make_shards(directory, images, classes, per_shard=2):
         shards.append({"name": name, "count": len(chunk), "sha256": sha256_file(path)})
     write_manifest(directory, {"format": FORMAT, "source": "test", "split": "val",
                                "classes": list(classes), "num_samples": len(keys),
-                               "shards": shards, "skipped": {}})
+                               "shards": shards, "skipped": {},
+                               **({"contexts": contexts} if contexts else {})})
     return directory
 
 
@@ -119,14 +124,14 @@ def test_metrics_match_an_independent_computation():
     gt[rng.random(gt.shape) < 0.1] = 255
     pred[rng.random(gt.shape) < 0.05] = 255
     gt[gt == 4] = 0                                    # class 4 only predicted: IoU 0
-    conf, unpred = ev.confusion_matrix(pred, gt, n, return_unpredicted=True)
+    conf, unpred = M.confusion_matrix(pred, gt, n, return_unpredicted=True)
     ref_conf, ref_unpred = reference_conf(pred, gt, n)
     assert conf.dtype == np.int64 and conf.shape == (n, n)
     np.testing.assert_array_equal(conf, ref_conf)
     np.testing.assert_array_equal(unpred, ref_unpred)
-    np.testing.assert_array_equal(ev.confusion_matrix(pred, gt, n), ref_conf)
+    np.testing.assert_array_equal(M.confusion_matrix(pred, gt, n), ref_conf)
 
-    m = ev.metrics(conf, unpred)
+    m = M.metrics(conf, unpred)
     ref = reference_iou(ref_conf, ref_unpred)
     assert ref[4] == 0.0
     for c in range(n):
@@ -161,9 +166,9 @@ def test_hand_computed_3x3_example():
     # precision 2/3, 2/3, 1; recall 2/3, 1, 2/3; pixel acc 6/8; mean acc (2/3+1+2/3)/3 = 7/9
     gt = np.array([[0, 0, 0], [1, 1, 2], [2, 2, 255]], np.uint8)
     pred = np.array([[0, 0, 1], [1, 1, 2], [2, 0, 2]], np.uint8)
-    conf = ev.confusion_matrix(pred, gt, 3)
+    conf = M.confusion_matrix(pred, gt, 3)
     np.testing.assert_array_equal(conf, [[2, 1, 0], [0, 2, 0], [1, 0, 2]])
-    m = ev.metrics(conf)
+    m = M.metrics(conf)
     np.testing.assert_allclose(m["iou"], [1 / 2, 2 / 3, 2 / 3])
     assert m["mean_iou"] == pytest.approx(11 / 18)
     np.testing.assert_allclose(m["precision"], [2 / 3, 2 / 3, 1])
@@ -181,18 +186,18 @@ def test_ignore_pixels_change_nothing():
     pred = rng.integers(0, 4, (20, 30)).astype(np.uint8)
     ign = rng.random(gt.shape) < 0.3
     gt[ign] = 255
-    base = ev.confusion_matrix(pred, gt, 4)
+    base = M.confusion_matrix(pred, gt, 4)
     pred2 = pred.copy()
     pred2[ign] = rng.integers(0, 4, int(ign.sum()))     # anything under ignore
     pred2[ign & (rng.random(gt.shape) < 0.5)] = 255
-    np.testing.assert_array_equal(ev.confusion_matrix(pred2, gt, 4), base)
+    np.testing.assert_array_equal(M.confusion_matrix(pred2, gt, 4), base)
     assert base.sum() == (~ign).sum()
 
 
 def test_absent_classes_are_nan_and_left_out_of_the_mean():
     gt = np.array([[0, 0, 1, 1]], np.uint8)
     pred = np.array([[0, 2, 1, 1]], np.uint8)
-    m = ev.metrics(ev.confusion_matrix(pred, gt, 4))
+    m = M.metrics(M.confusion_matrix(pred, gt, 4))
     # class 0: 1/2; class 1: 1; class 2 predicted only: 0 (counts); class 3 absent: NaN
     assert m["iou"][:3].tolist() == [0.5, 1.0, 0.0]
     assert math.isnan(m["iou"][3])
@@ -200,17 +205,17 @@ def test_absent_classes_are_nan_and_left_out_of_the_mean():
     assert m["mean_iou"] == pytest.approx(1.5 / 3)
     assert math.isnan(m["recall"][2]) and math.isnan(m["recall"][3])
     assert m["mean_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
-    empty = ev.metrics(np.zeros((3, 3), np.int64))
+    empty = M.metrics(np.zeros((3, 3), np.int64))
     assert math.isnan(empty["mean_iou"]) and math.isnan(empty["pixel_accuracy"])
 
 
 def test_prediction_255_is_a_miss_not_a_false_positive():
     gt = np.array([[1, 1, 0, 0]], np.uint8)
     pred = np.array([[1, 255, 0, 255]], np.uint8)
-    conf, unpred = ev.confusion_matrix(pred, gt, 2, return_unpredicted=True)
+    conf, unpred = M.confusion_matrix(pred, gt, 2, return_unpredicted=True)
     np.testing.assert_array_equal(conf, [[1, 0], [0, 1]])
     np.testing.assert_array_equal(unpred, [1, 1])
-    m = ev.metrics(conf, unpred)
+    m = M.metrics(conf, unpred)
     np.testing.assert_allclose(m["iou"], [0.5, 0.5])
     np.testing.assert_allclose(m["precision"], [1.0, 1.0])
     assert m["pixel_accuracy"] == 0.5
@@ -219,9 +224,9 @@ def test_prediction_255_is_a_miss_not_a_false_positive():
 def test_values_out_of_range_are_errors():
     gt = np.zeros((2, 2), np.uint8)
     with pytest.raises(ValueError, match=r"pred has values \[7\]"):
-        ev.confusion_matrix(np.full((2, 2), 7, np.uint8), gt, 3)
+        M.confusion_matrix(np.full((2, 2), 7, np.uint8), gt, 3)
     with pytest.raises(ValueError, match="shape"):
-        ev.confusion_matrix(np.zeros((2, 3), np.uint8), gt, 3)
+        M.confusion_matrix(np.zeros((2, 3), np.uint8), gt, 3)
 
 
 def test_evaluate_matches_the_reference_over_files(tmp_path):
@@ -232,7 +237,7 @@ def test_evaluate_matches_the_reference_over_files(tmp_path):
     conf = sum(reference_conf(p, g, 5)[0] for g, p, _ in images.values())
     unpred = sum(reference_conf(p, g, 5)[1] for g, p, _ in images.values())
     for workers in (1, 3):
-        r = ev.evaluate(pred_dir, gt_dir, 5, workers=workers)
+        r = S.evaluate(pred_dir, gt_dir, 5, workers=workers)
         assert r["confusion_matrix"] == conf.tolist() and r["unpredicted"] == unpred.tolist()
         assert r["unpredicted_pixels"] == unpred.sum() > 0
         ref = reference_iou(conf, unpred)
@@ -262,7 +267,7 @@ PRED_A = np.array([[1, 1, 0, 0],
 
 
 def test_confusion_ratio_hand_counts():
-    counts = ev.confusion_ratio(PRED_A, GT_A, CTX_A, [(1, 1), (2, 2), (1, 2), (2, 1)])
+    counts = M.confusion_ratio(PRED_A, GT_A, CTX_A, [(1, 1), (2, 2), (1, 2), (2, 1)])
     assert counts["fp"].tolist() == [3, 1, 1, 1]
     assert counts["tp"].tolist() == [3, 1, 3, 1]
 
@@ -278,28 +283,43 @@ def test_confusion_ratio_in_evaluate_sums_over_images(tmp_path):
                                                      "b": (gt_b, pred_b, ctx_b)})
     contexts = tmp_path / "contexts.txt"
     contexts.write_text("water boat\nrails train\n")
-    r = ev.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir, contexts=str(contexts),
+    r = S.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir, contexts=str(contexts),
                     class_names=["background", "boat", "train"])
     cr = r["confusion_ratio"]
     assert [(p["class"], p["context"], p["name"]) for p in cr["pairs"]] == \
         [(1, 1, "water->boat"), (2, 2, "rails->train")]      # default: v:v for ids present
     pairs = [(1, 1), (2, 2)]
-    a = ev.confusion_ratio(PRED_A, GT_A, CTX_A, pairs)
-    b = ev.confusion_ratio(pred_b, gt_b, ctx_b, pairs)
+    a = M.confusion_ratio(PRED_A, GT_A, CTX_A, pairs)
+    b = M.confusion_ratio(pred_b, gt_b, ctx_b, pairs)
     for i, p in enumerate(cr["pairs"]):
         assert p["fp"] == a["fp"][i] + b["fp"][i] and p["tp"] == a["tp"][i] + b["tp"][i]
         assert p["ratio"] == pytest.approx(p["fp"] / p["tp"])
     assert cr["images_with_ctx"] == 2
     # names: contexts.txt found beside the gt folder; classes without names file: class1, ...
-    r2 = ev.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir, pairs=[(1, 2), (2, 1)])
+    r2 = S.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir, pairs=[(1, 2), (2, 1)])
     assert [(p["fp"], p["name"]) for p in r2["confusion_ratio"]["pairs"]] == \
-        [(1 + ev.confusion_ratio(pred_b, gt_b, ctx_b, [(1, 2)])["fp"][0], "rails->class1"),
-         (1 + ev.confusion_ratio(pred_b, gt_b, ctx_b, [(2, 1)])["fp"][0], "water->class2")]
-    r3 = ev.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir, pairs=[(1, 2)], contexts={})
+        [(1 + M.confusion_ratio(pred_b, gt_b, ctx_b, [(1, 2)])["fp"][0], "rails->class1"),
+         (1 + M.confusion_ratio(pred_b, gt_b, ctx_b, [(2, 1)])["fp"][0], "water->class2")]
+    r3 = S.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir, pairs=[(1, 2)], contexts={})
     assert r3["confusion_ratio"]["pairs"][0]["name"] == "ctx2->class1"
-    assert ev.evaluate(pred_dir, gt_dir, 3)["confusion_ratio"] is None     # no context masks
-    with pytest.raises(ev.UsageError, match="needs context masks"):
-        ev.evaluate(pred_dir, gt_dir, 3, pairs=[(1, 1)])
+    assert S.evaluate(pred_dir, gt_dir, 3)["confusion_ratio"] is None     # no context masks
+    with pytest.raises(G.UsageError, match="needs context masks"):
+        S.evaluate(pred_dir, gt_dir, 3, pairs=[(1, 1)])
+
+
+def test_confusion_ratio_names_come_from_the_shard_manifest(tmp_path):
+    images = {"a": (GT_A, CTX_A)}
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    save_png(pred_dir / "a.png", PRED_A)
+    named = make_shards(str(tmp_path / "named"), images, ["boat", "train"],
+                        contexts=["water", "rails"])
+    plain = make_shards(str(tmp_path / "plain"), images, ["boat", "train"])
+    for gt, names in ((named, ["water->boat", "rails->train"]),
+                      (plain, ["ctx1->boat", "ctx2->train"])):
+        r = S.evaluate(str(pred_dir), gt, None)
+        assert [p["name"] for p in r["confusion_ratio"]["pairs"]] == names
+        assert [p["fp"] for p in r["confusion_ratio"]["pairs"]] == [3, 1]   # hand counts above
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -324,16 +344,16 @@ def test_shard_ground_truth_equals_png_folder(tmp_path):
     gt_dir, pred_dir, ctx_dir = make_case(tmp_path, images)
     shards = make_shards(str(tmp_path / "shards"), {k: (g, c) for k, (g, _, c) in images.items()},
                          ["boat", "train"])
-    from_png = list(ev.iter_ground_truth(gt_dir, ctx_dir))
-    from_shards = list(ev.iter_ground_truth(shards))
+    from_png = list(G.iter_ground_truth(gt_dir, ctx_dir))
+    from_shards = list(G.iter_ground_truth(shards))
     assert [k for k, _, _ in from_png] == [k for k, _, _ in from_shards] == sorted(images)
     for (_, s1, c1), (_, s2, c2) in zip(from_png, from_shards):
         np.testing.assert_array_equal(s1, s2)
         assert (c1 is None) == (c2 is None)
         if c1 is not None:
             np.testing.assert_array_equal(c1, c2)
-    a = ev.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir)
-    b = ev.evaluate(pred_dir, shards, None)                 # num_classes from the manifest
+    a = S.evaluate(pred_dir, gt_dir, 3, ctx_dir=ctx_dir)
+    b = S.evaluate(pred_dir, shards, None)                 # num_classes from the manifest
     assert b["class_names"] == ["background", "boat", "train"]
     for key in ("confusion_matrix", "mean_iou", "pixels", "ignored_pixels", "images"):
         assert a[key] == b[key], key
@@ -341,8 +361,8 @@ def test_shard_ground_truth_equals_png_folder(tmp_path):
         [dict(p, name=p["name"].replace("boat", "class1").replace("train", "class2"))
          for p in b["confusion_ratio"]["pairs"]]
     assert b["confusion_ratio"]["images_without_ctx"] == 1
-    with pytest.raises(ev.UsageError, match="manifest.json lists 2 classes"):
-        ev.evaluate(pred_dir, shards, 21)
+    with pytest.raises(G.UsageError, match="manifest.json lists 2 classes"):
+        S.evaluate(pred_dir, shards, 21)
 
 
 def test_key_list_restricts_the_evaluation(tmp_path):
@@ -352,13 +372,13 @@ def test_key_list_restricts_the_evaluation(tmp_path):
                          ["boat", "train"])
     listing = tmp_path / "val.txt"
     listing.write_text("/JPEGImages/img003.jpg /Seg/img003.png\nimg001\n")
-    assert ev.read_key_list(str(listing)) == ["img003", "img001"]
+    assert G.read_key_list(str(listing)) == ["img003", "img001"]
     conf = sum(reference_conf(images[k][1], images[k][0], 3)[0] for k in ("img001", "img003"))
     for gt in (gt_dir, shards):
-        r = ev.evaluate(pred_dir, gt, 3, keys=["img003", "img001"])
+        r = S.evaluate(pred_dir, gt, 3, keys=["img003", "img001"])
         assert r["images"] == r["gt_images"] == 2 and r["confusion_matrix"] == conf.tolist()
-        with pytest.raises(ev.EvalError, match="1 listed keys have no ground truth .*: nope"):
-            ev.evaluate(pred_dir, gt, 3, keys=["img001", "nope"])
+        with pytest.raises(G.EvalError, match="1 listed keys have no ground truth .*: nope"):
+            S.evaluate(pred_dir, gt, 3, keys=["img001", "nope"])
     cli = run_cli("--pred", pred_dir, "--gt", shards, "--list", str(listing))
     assert cli.returncode == 0 and ": 2 images" in cli.stdout, cli.stderr
 
@@ -371,8 +391,8 @@ def test_shard_sample_without_mask_is_an_error(tmp_path):
     with tarfile.open(os.path.join(d, "val-000000.tar"), "w") as tar:
         for m, data in members:
             tar.addfile(m, io.BytesIO(data))
-    with pytest.raises(ev.EvalError, match=r"img001 has no seg\.png"):
-        list(ev.iter_ground_truth(d))
+    with pytest.raises(G.EvalError, match=r"img001 has no seg\.png"):
+        list(G.iter_ground_truth(d))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -383,9 +403,9 @@ def test_size_mismatch_names_the_key_and_both_sizes(tmp_path):
     gt, pred, ctx = images["img001"]
     images["img001"] = (gt, pred[:, :-2], ctx)                # 11 wide -> 9 wide
     gt_dir, pred_dir, _ = make_case(tmp_path, images)
-    with pytest.raises(ev.EvalError, match=r"img001: prediction .* is 10x10 \(WxH\) but the "
+    with pytest.raises(G.EvalError, match=r"img001: prediction .* is 10x10 \(WxH\) but the "
                                            r"ground truth is 12x10"):
-        ev.evaluate(pred_dir, gt_dir, 3)
+        S.evaluate(pred_dir, gt_dir, 3)
     r = run_cli("--pred", pred_dir, "--gt", gt_dir, "--num-classes", "3")
     assert r.returncode == 1 and "img001" in r.stderr and "12x10" in r.stderr
 
@@ -395,14 +415,14 @@ def test_missing_prediction_and_allow_missing(tmp_path):
     full = dict(images)
     images["img002"] = (images["img002"][0], None, None)
     gt_dir, pred_dir, _ = make_case(tmp_path, images)
-    with pytest.raises(ev.EvalError, match=r"img002: prediction .*img002\.png is missing"):
-        ev.evaluate(pred_dir, gt_dir, 3)
-    r = ev.evaluate(pred_dir, gt_dir, 3, allow_missing=True)
+    with pytest.raises(G.EvalError, match=r"img002: prediction .*img002\.png is missing"):
+        S.evaluate(pred_dir, gt_dir, 3)
+    r = S.evaluate(pred_dir, gt_dir, 3, allow_missing=True)
     assert (r["images"], r["gt_images"], r["missing"], r["missing_keys"]) == (3, 4, 1, ["img002"])
     conf = sum(reference_conf(p, g, 3)[0] for k, (g, p, _) in full.items() if k != "img002")
     assert r["confusion_matrix"] == conf.tolist()
     save_png(os.path.join(pred_dir, "extra.png"), np.zeros((3, 3)))
-    assert ev.evaluate(pred_dir, gt_dir, 3, allow_missing=True)["extra_predictions"] == 1
+    assert S.evaluate(pred_dir, gt_dir, 3, allow_missing=True)["extra_predictions"] == 1
     cli = run_cli("--pred", pred_dir, "--gt", gt_dir, "--num-classes", "3")
     assert cli.returncode == 1 and "img002" in cli.stderr and "--allow-missing" in cli.stderr
     cli = run_cli("--pred", pred_dir, "--gt", gt_dir, "--num-classes", "3", "--allow-missing")
@@ -414,13 +434,13 @@ def test_bad_prediction_values_and_modes(tmp_path):
     images = random_images(7, n=2)
     gt_dir, pred_dir, _ = make_case(tmp_path, images)
     save_png(os.path.join(pred_dir, "img001.png"), np.full(images["img001"][0].shape, 9))
-    with pytest.raises(ev.EvalError, match=r"img001: prediction .* values \[9\]"):
-        ev.evaluate(pred_dir, gt_dir, 3)
+    with pytest.raises(G.EvalError, match=r"img001: prediction .* values \[9\]"):
+        S.evaluate(pred_dir, gt_dir, 3)
     Image.new("RGB", images["img001"][0].shape[::-1]).save(os.path.join(pred_dir, "img001.png"))
-    with pytest.raises(ev.EvalError, match="img001.*mode RGB"):
-        ev.evaluate(pred_dir, gt_dir, 3)
-    with pytest.raises(ev.EvalError, match=r"img000: ground truth .* values \[2\].*num-classes"):
-        ev.evaluate(pred_dir, gt_dir, 2)
+    with pytest.raises(G.EvalError, match="img001.*mode RGB"):
+        S.evaluate(pred_dir, gt_dir, 3)
+    with pytest.raises(G.EvalError, match=r"img000: ground truth .* values \[2\].*num-classes"):
+        S.evaluate(pred_dir, gt_dir, 2)
 
 
 def test_palette_and_gray_predictions_agree(tmp_path):
@@ -428,19 +448,19 @@ def test_palette_and_gray_predictions_agree(tmp_path):
     g1, p1, _ = make_case(tmp_path / "a", images, pred_mode="P")
     g2, p2, _ = make_case(tmp_path / "b", images, pred_mode="L", gt_mode="L")
     assert Image.open(os.path.join(p1, "img000.png")).mode == "P"
-    assert ev.evaluate(p1, g1, 3)["confusion_matrix"] == ev.evaluate(p2, g2, 3)["confusion_matrix"]
+    assert S.evaluate(p1, g1, 3)["confusion_matrix"] == S.evaluate(p2, g2, 3)["confusion_matrix"]
 
 
 def test_parse_helpers():
     assert ev.parse_thresholds("0.2,0.1,0.2") == [0.1, 0.2]
     assert ev.parse_thresholds("0.05:0.2:0.05") == [0.05, 0.1, 0.15, 0.2]
     for bad in ("a", "0.1:0.05:0.1", "", "nan"):
-        with pytest.raises(ev.UsageError):
+        with pytest.raises(G.UsageError):
             ev.parse_thresholds(bad)
     names = ["background", "boat", "train"]
     assert ev.parse_pairs("1:1, train:rails", names, {1: "water", 2: "rails"}) == [(1, 1), (2, 2)]
     for bad in ("1", "9:1", "1:0", "plane:1"):
-        with pytest.raises(ev.UsageError):
+        with pytest.raises(G.UsageError):
             ev.parse_pairs(bad, names, {})
 
 
@@ -477,7 +497,7 @@ def test_threshold_sweep_equals_hand_made_masks(tmp_path):
         save_png(gt_dir / f"k{i}.png", gt)
         np.savez(cams_dir / f"k{i}.npz", cams=cams, classes=classes)
         records[f"k{i}"] = (gt, cams, classes)
-    s = ev.sweep_thresholds(str(cams_dir), str(gt_dir), C, thresholds[::-1])
+    s = S.sweep_thresholds(str(cams_dir), str(gt_dir), C, thresholds[::-1])
     assert s["thresholds"] == thresholds and s["images"] == 5
     for j, t in enumerate(thresholds):
         pred_dir = tmp_path / f"pred{j}"
@@ -487,7 +507,7 @@ def test_threshold_sweep_equals_hand_made_masks(tmp_path):
             mask = hand_mask(cams, classes, t)
             save_png(pred_dir / f"{key}.png", mask)
             conf += reference_conf(mask, gt, C)[0]
-        r = ev.evaluate(str(pred_dir), str(gt_dir), C)
+        r = S.evaluate(str(pred_dir), str(gt_dir), C)
         assert s["confusion_matrices"][j] == r["confusion_matrix"] == conf.tolist()
         np.testing.assert_equal(s["mean_iou"][j], r["mean_iou"])
     best = int(np.nanargmax(s["mean_iou"]))
@@ -509,14 +529,14 @@ def test_sweep_many_thresholds_and_float64(tmp_path):
         np.savez(cams_dir / f"k{i}.npz", cams=rng.random((3, 11, 13)).astype(dtype),
                  classes=np.array([2, 0, 1]))
     many = np.linspace(0, 1, 81).tolist()
-    big = ev.sweep_thresholds(str(cams_dir), str(gt_dir), 4, many)
-    few = ev.sweep_thresholds(str(cams_dir), str(gt_dir), 4, many[::10])
+    big = S.sweep_thresholds(str(cams_dir), str(gt_dir), 4, many)
+    few = S.sweep_thresholds(str(cams_dir), str(gt_dir), 4, many[::10])
     assert big["confusion_matrices"][::10] == few["confusion_matrices"]
     assert big["mean_iou"][::10] == few["mean_iou"]
     np.savez(cams_dir / "k1.npz", cams=np.full((1, 11, 13), np.nan, np.float32),
              classes=np.array([0]))
-    with pytest.raises(ev.EvalError, match="k1: .*NaN"):
-        ev.sweep_thresholds(str(cams_dir), str(gt_dir), 4, [0.5])
+    with pytest.raises(G.EvalError, match="k1: .*NaN"):
+        S.sweep_thresholds(str(cams_dir), str(gt_dir), 4, [0.5])
 
 
 def test_sweep_errors(tmp_path):
@@ -525,16 +545,16 @@ def test_sweep_errors(tmp_path):
     save_png(gt_dir / "a.png", np.zeros((4, 5)))
     save_png(gt_dir / "b.png", np.zeros((4, 5)))
     np.savez(cams_dir / "a.npz", cams=np.zeros((1, 4, 6), np.float32), classes=np.array([0]))
-    with pytest.raises(ev.EvalError,
+    with pytest.raises(G.EvalError,
                        match=r"a: cams .* is 6x4 \(WxH\) but the ground truth is 5x4"):
-        ev.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5])
+        S.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5])
     np.savez(cams_dir / "a.npz", cams=np.zeros((1, 4, 5), np.float32), classes=np.array([5]))
-    with pytest.raises(ev.EvalError, match=r"a: .*classes \[5\] outside 0\.\.1"):
-        ev.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5])
+    with pytest.raises(G.EvalError, match=r"a: .*classes \[5\] outside 0\.\.1"):
+        S.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5])
     np.savez(cams_dir / "a.npz", cams=np.zeros((1, 4, 5), np.float32), classes=np.array([1]))
-    with pytest.raises(ev.EvalError, match=r"b: CAM file .*b\.npz is missing"):
-        ev.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5])
-    s = ev.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5], allow_missing=True)
+    with pytest.raises(G.EvalError, match=r"b: CAM file .*b\.npz is missing"):
+        S.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5])
+    s = S.sweep_thresholds(str(cams_dir), str(gt_dir), 3, [0.5], allow_missing=True)
     assert (s["images"], s["missing"], s["mean_iou"]) == (1, 1, [1.0])
 
 
@@ -562,7 +582,7 @@ def test_cli_writes_json_and_prints_the_table(tmp_path):
                  "water->boat", "rails->train", "best threshold"):
         assert text in r.stdout, text
     data = json.loads(out.read_text())
-    api = ev.evaluate(pred_dir, shards, 3, pairs=[(1, 1), (2, 2)],
+    api = S.evaluate(pred_dir, shards, 3, pairs=[(1, 1), (2, 2)],
                       contexts={1: "water", 2: "rails"})
     e = data["evaluation"]
     assert e["confusion_matrix"] == api["confusion_matrix"]

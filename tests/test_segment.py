@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from epsdist import evaluate
+from epsdist import groundtruth, scoring
+from epsdist import metrics as M
 from epsdist.config import ConfigError, SegConfig, SegModelConfig, load_config
 from epsdist.data import shard, synthetic
 from epsdist.data.augment import IGNORE_INDEX, MEAN_U8, SegAugment, decode_mask
@@ -86,9 +87,9 @@ def all_background_miou(val_dir):
     """mIoU of predicting background everywhere, from the val ground truth itself."""
     K = synthetic.NUM_CLASSES + 1
     conf = np.zeros((K, K), np.int64)
-    for _, gt, _ in evaluate.iter_ground_truth(str(val_dir)):
-        conf += evaluate.confusion_matrix(np.zeros_like(gt), gt, K)
-    return evaluate.metrics(conf)["mean_iou"]
+    for _, gt, _ in groundtruth.iter_ground_truth(str(val_dir)):
+        conf += M.confusion_matrix(np.zeros_like(gt), gt, K)
+    return M.metrics(conf)["mean_iou"]
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -126,7 +127,7 @@ def test_two_ranks_learn_beat_background_and_resume_exactly(shards):
 
     # the written predictions, evaluated by epsdist.evaluate, give the same numbers
     pred_dir = shards / f"runs/full/val_pred/iter_{2 * N:08d}"
-    again = evaluate.evaluate(str(pred_dir), str(shards / "shards/val"), None)
+    again = scoring.evaluate(str(pred_dir), str(shards / "shards/val"), None)
     assert again["images"] == 48 and again["missing"] == 0
     assert again["mean_iou"] == pytest.approx(report["mean_iou"], abs=1e-12)
     assert again["confusion_matrix"] == report["confusion_matrix"]
@@ -149,7 +150,7 @@ def test_two_ranks_learn_beat_background_and_resume_exactly(shards):
     assert report["eval"] == {"scales": [0.75, 1.0, 1.25], "flip": True, "crf": False}
     assert report["mean_iou"] > baseline + 0.1
     assert [h["iteration"] for h in report["history"]] == [N, 2 * N, 2 * N]
-    again = evaluate.evaluate(str(run_dir / f"val_pred/iter_{2 * N:08d}_eval"),
+    again = scoring.evaluate(str(run_dir / f"val_pred/iter_{2 * N:08d}_eval"),
                               str(shards / "shards/val"), None)
     assert again["mean_iou"] == pytest.approx(report["mean_iou"], abs=1e-12)
 
@@ -342,7 +343,7 @@ def test_seg_augment_keeps_image_and_mask_aligned_and_pads_with_255():
 
 
 def test_decode_mask_reads_palette_indices_not_colours():
-    from epsdist.infer import encode_mask
+    from epsdist.data.masks import encode_mask
     mask = np.array([[0, 1, 2], [15, 255, 3]], np.uint8)
     assert np.array_equal(decode_mask(encode_mask(mask)), mask)      # infer.py's pseudo-masks
     buf = io.BytesIO()

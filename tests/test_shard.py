@@ -175,6 +175,16 @@ def test_voc_sbd_list_aug_masks_and_context(voc):
     assert verify.verify(str(out)) == []
 
 
+def test_voc_contexts_txt_goes_into_the_manifest(voc):
+    out = voc["tmp"] / "out"
+    shard.shard_voc(str(voc["root"]), str(voc["sal"]), str(out), split="train", log=quiet)
+    assert "contexts" not in read_all(out)[0]                  # no contexts.txt: no key
+    (voc["root"] / "contexts.txt").write_text("water boat\nrails train\n")
+    shard.shard_voc(str(voc["root"]), str(voc["sal"]), str(out), split="train", log=quiet)
+    assert read_all(out)[0]["contexts"] == ["water", "rails"]
+    assert verify.verify(str(out)) == []
+
+
 def test_voc_classes_txt(voc):
     (voc["root"] / "classes.txt").write_text("\n".join(f"c{i}" for i in range(25)) + "\n")
     k = voc["ids"][0]

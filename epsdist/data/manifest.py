@@ -15,6 +15,9 @@ One sample per image; its tar members are ``<key>.<field>``:
      "classes": [C names], "num_samples": N, "fields": ["jpg", "sal.png", ...],
      "shards": [{"name": "train-000000.tar", "count": n, "sha256": "..."}, ...],
      "skipped": {"reason": count, ...}}
+
+and, for a dataset with context masks (``ctx.png``), ``"contexts": [names]`` (context id =
+position + 1).
 """
 from __future__ import annotations
 

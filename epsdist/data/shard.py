@@ -17,7 +17,9 @@ VOC
     mask (values 1..C; 0 and 255 are not labels) unless ``--labels`` gives them: the authors'
     ``cls_labels.npy`` ({id: multi-hot array of C}) or a JSON file {id: [class indices, 0-based]};
     the mask is still stored when one exists. ``<root>/SegmentationContext/<id>.png`` (the
-    synthetic set) is stored as ``ctx.png``.
+    synthetic set) is stored as ``ctx.png``, and the names of ``<root>/contexts.txt``
+    (``context_name class_name`` lines, line i = context id i) go into the manifest as
+    ``contexts`` (what the evaluation labels confusion ratios with).
 COCO
     Classes are the categories of the json sorted by category id (contiguous index = rank).
     Labels are the categories of the image's non-crowd annotations. The mask is rasterised with
@@ -591,9 +593,10 @@ def _remove_matching(out: str, pattern: re.Pattern, keep=lambda m: False) -> Non
 def write_shards(items: list[Item], task: Task, out: str, *, source: str, split: str,
                  classes: list[str], shard_size: int = 1000, workers: int = 1,
                  prefix: Optional[str] = None, allow_skips: bool = False,
-                 log=print) -> dict:
+                 log=print, contexts: Optional[list[str]] = None) -> dict:
     """Validate ``items``, write the kept ones as shards + manifest; return the summary.
-    ``log(msg, file=...)`` prints (skips go to stderr, the final line to stdout)."""
+    ``log(msg, file=...)`` prints (skips go to stderr, the final line to stdout). ``contexts``:
+    context names (id = position + 1) for the manifest."""
     if shard_size < 1 or workers < 1:
         raise InputError("--shard-size and --workers must be >= 1")
     prefix = prefix or split
@@ -629,7 +632,8 @@ def write_shards(items: list[Item], task: Task, out: str, *, source: str, split:
         "format": mf.FORMAT, "source": source, "split": split, "classes": list(classes),
         "num_samples": len(kept), "fields": [f for f in FIELD_ORDER if f in present],
         "shards": shards, "shard_size": shard_size, "skipped": skipped,
-        "skipped_examples": summary["skipped_examples"]})
+        "skipped_examples": summary["skipped_examples"],
+        **({"contexts": list(contexts)} if contexts else {})})
     # Stale shards of an earlier, larger run with the same prefix.
     _remove_matching(out, re.compile(re.escape(prefix) + r"-(\d{6,})\.tar"),
                      keep=lambda m: int(m.group(1)) < len(shards))
@@ -646,9 +650,12 @@ def shard_voc(root, saliency, out, *, split=None, list_file=None, labels_file=No
     raises :class:`InputError` for a missing/malformed input (CLI exit code 2)."""
     items, classes, split = prepare_voc(root, saliency, split=split, list_file=list_file,
                                         labels_file=labels_file)
+    contexts_txt = os.path.join(root, "contexts.txt")
+    contexts = ([line.split()[0] for line in read_class_names(contexts_txt)]
+                if os.path.isfile(contexts_txt) else None)
     return write_shards(items, Task(annotate_voc, len(classes)), out, source="voc", split=split,
                         classes=classes, shard_size=shard_size, workers=workers, prefix=prefix,
-                        allow_skips=allow_skips, log=log)
+                        allow_skips=allow_skips, log=log, contexts=contexts)
 
 
 def shard_coco(images, annotations, saliency, out, *, shard_size=1000, workers=1, prefix=None,

@@ -32,6 +32,7 @@ from .tiny import TinyBackbone
 
 __all__ = [
     "EPSNet", "build_model", "build_backbone", "param_groups", "count_parameters", "weights_path",
+    "load_backbone_weights",
     "ResNet38", "TorchvisionResNet", "TinyBackbone",
     "load_mxnet_params", "save_mxnet_params", "resnet38_state_dict_from_mxnet",
     "load_resnet38_imagenet", "load_torchvision_resnet",
@@ -97,7 +98,8 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return total, sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _load_weights(model: EPSNet, name: str, path: str, log) -> None:
+def load_backbone_weights(model: nn.Module, name: str, path: str, log) -> None:
+    """Load the ImageNet weights file ``path`` into ``model.backbone`` (either stage's network)."""
     if name == "resnet38":
         load_resnet38_imagenet(model, path, log)
     elif name in ("resnet50", "resnet101"):
@@ -147,7 +149,7 @@ def build_model(cfg, num_classes: int, log=print) -> EPSNet:
     model = EPSNet(backbone, num_classes, eps_head=cfg.eps_head, backbone_name=cfg.backbone)
     path = weights_path(cfg.weights, cfg.backbone, log)
     if path is not None:
-        _load_weights(model, cfg.backbone, path, log)
+        load_backbone_weights(model, cfg.backbone, path, log)
     total, trainable = count_parameters(model)
     log(f"model: {cfg.backbone} backbone, {model.num_maps} maps "
         f"({'EPS: C+1' if model.eps_head else 'CAM: C'}), output stride "

@@ -1,5 +1,5 @@
 """Validation of the segmentation network: (multi-scale, flip) inference over the ground-truth
-val shards split across ranks, optional dense CRF, mIoU through :mod:`epsdist.evaluate`.
+val shards split across ranks, optional dense CRF, mIoU through :mod:`epsdist.metrics`.
 
 Inference of one image (original size, ImageNet-normalised): for every scale s in
 ``eval.scales`` the image resized bilinearly by s (and, with ``eval.flip``, its mirror in the
@@ -11,8 +11,8 @@ DeepLab code's defaults: bilateral w 4, xy std 67, rgb std 3; gaussian w 3, xy s
 10 iterations). The prediction is the argmax.
 
 Ranks take the val samples whose index (shard order) is their rank modulo the world size (the
-split of epsdist/infer.py). Each rank adds its images to an ``evaluate.confusion_matrix``; the
-matrices are summed across ranks and ``evaluate.metrics`` gives the mIoU (VOC convention:
+split of epsdist/infer.py). Each rank adds its images to a ``metrics.confusion_matrix``; the
+matrices are summed across ranks and ``metrics.metrics`` gives the mIoU (VOC convention:
 background included; a class absent from ground truth and prediction is left out). With
 ``eval.save_pred`` every prediction is written as a palette PNG to
 ``run.dir/val_pred/iter_NNNNNNNN/<key>.png``, so ``python -m epsdist.evaluate --pred DIR
@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist as D
-from .. import evaluate
+from .. import metrics
 from ..data.augment import DecodeError, decode_mask, decode_rgb, normalize_images
 from ..data.manifest import IMAGE_FIELDS, SEG_FIELD, atomic_write_bytes, iter_rank_samples
 from ..data.manifest import read_manifest
+from ..data.masks import encode_mask
 
 log = logging.getLogger("epsdist.segment")
 
@@ -92,13 +93,12 @@ def all_background_miou(conf: np.ndarray) -> float:
     """The mIoU of predicting background (0) everywhere, from a confusion matrix's rows."""
     base = np.zeros_like(conf)
     base[:, 0] = conf.sum(1)
-    return float(evaluate.metrics(base)["mean_iou"])
+    return float(metrics.metrics(base)["mean_iou"])
 
 
 def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: list) -> dict:
     """Evaluate the model on ``data.val_shards`` (every rank takes part; every rank gets the
     result). Writes the predictions under ``pred_dir`` unless it is None."""
-    from ..infer import encode_mask
     t0 = time.perf_counter()
     ecfg, K = cfg.eval, cfg.data.num_classes + 1
     manifest = read_manifest(cfg.data.val_shards)
@@ -130,7 +130,7 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
                 continue
             pred = predict(engine, image, ecfg, info.device)
             try:
-                conf += evaluate.confusion_matrix(pred, gt, K)
+                conf += metrics.confusion_matrix(pred, gt, K)
             except ValueError as e:
                 raise ValueError(f"data.val_shards: sample {key}: {e}") from None
             counts[0] += 1
@@ -143,7 +143,7 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
     totals = torch.from_numpy(np.concatenate([conf.ravel(), counts]))
     D.all_reduce_sum(totals)
     conf, counts = totals[:K * K].numpy().reshape(K, K), totals[K * K:].tolist()
-    m = evaluate.metrics(conf)
+    m = metrics.metrics(conf)
     return {"mean_iou": m["mean_iou"], "pixel_accuracy": m["pixel_accuracy"],
             "mean_accuracy": m["mean_accuracy"],
             "iou": {name: float(v) for name, v in zip(class_names, m["iou"])},

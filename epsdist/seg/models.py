@@ -40,8 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import count_parameters, weights_path
-from ..models import _load_weights as load_backbone_weights
+from ..models import count_parameters, load_backbone_weights, weights_path
 from ..models.resnet38 import freeze_batchnorm
 from ..models.resnets import TorchvisionResNet, load_torchvision_resnet
 from ..models.tiny import TinyBackbone

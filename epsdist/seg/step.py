@@ -1,9 +1,11 @@
-"""The segmentation stage's named steps (``epsdist/segment.py`` strings them together).
+"""The segmentation stage's own steps; ``epsdist/segment.py`` strings them together with the
+run machinery every stage shares (:mod:`epsdist.runloop`).
 
-check_config -> build_loader (ShardLoader + SegAugment) -> build_seg_model -> the stage-1
-engine builder (SGD with the four parameter groups, DeepSpeed config generated from the YAML)
--> per iteration: the stage-1 poly lr, train_step (forward, loss, the stage-1 collective NaN
-check, backward, step) -> log / panels / checkpoints / validation -> export.
+check_config -> build_loader (ShardLoader + SegAugment) -> build_seg_model ->
+runloop.build_engine (with stage 1's optimizer recipe: SGD with the four parameter groups, the
+DeepSpeed config generated from the YAML) -> per iteration: runloop.set_lr (poly), train_step
+(forward, loss, the collective NaN check of ``runloop.reduce_losses``, backward, step) ->
+log_values / panel / validation -> runloop's checkpoints and export.
 
 Loss: per-pixel cross-entropy against the (pseudo-)mask with ``ignore_index=255``, averaged
 over the non-ignored pixels of the rank's batch, on the logits upsampled bilinearly
@@ -22,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist as D
-from .. import stage1
 from ..config import ConfigError, SegConfig
 from ..data.augment import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegAugment
 from ..data.loader import ShardLoader
 from ..data.manifest import SEG_FIELD, ManifestError, read_manifest
+from ..runloop import precision, reduce_losses
 
 CRF_PACKAGE = "pydensecrf"
 
@@ -138,19 +140,24 @@ class SegStep:
 
 
 def train_step(engine, batch, cfg: SegConfig, info: D.DistInfo, stop: bool = False) -> SegStep:
-    """Forward, loss, the collective finiteness check of stage 1, backward, optimizer step."""
+    """Forward, loss, the collective finiteness/stop check (``reduce_losses``), backward, step."""
     image = batch.image
     if info.device.type == "cuda" and cfg.train.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    autocast = stage1.precision(cfg, info) == "bf16"
+    autocast = precision(cfg, info) == "bf16"
     with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = engine(image)
     loss = seg_loss(logits, batch.mask)
-    (mean,), finite, stop = stage1.reduce_losses([loss], loss, info, stop)
+    (mean,), finite, stop = reduce_losses([loss], loss, info, stop)
     if finite:
         engine.backward(loss)
         engine.step()
     return SegStep(mean, finite, logits.detach(), stop)
+
+
+def log_values(result: SegStep) -> tuple[dict, str]:
+    """What ``RunLogger.record`` logs for a step: the losses by name and the console summary."""
+    return {"loss/seg": result.loss}, f"loss {result.loss:.4f}"
 
 
 # ------------------------------------------------------------------------------ panels

@@ -10,6 +10,7 @@ from epsdist import stage1
 from epsdist.config import load_config
 from epsdist.data.loader import Batch
 from epsdist.models import build_model
+from epsdist.runloop import build_engine, set_lr
 
 GLOBAL_BATCH, STEPS = 8, 3
 
@@ -22,7 +23,8 @@ def main(out_path: str) -> None:
                              "loss.impl=torch"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 4, log=lambda m: None)
-    engine = stage1.build_engine(model, cfg, info)
+    engine = build_engine(model, cfg, info, stage1.build_optimizer,
+                          stage1.deepspeed_config(cfg, info))
     g = torch.Generator().manual_seed(1)
     for it in range(STEPS):
         image = torch.randn(GLOBAL_BATCH, 3, 48, 48, generator=g)
@@ -30,7 +32,7 @@ def main(out_path: str) -> None:
         labels = (torch.rand(GLOBAL_BATCH, 4, generator=g) < 0.5).float()
         mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
         batch = Batch(image[mine], sal[mine], labels[mine], [])
-        stage1.set_lr(engine, cfg, it)
+        set_lr(engine, cfg, it)
         assert stage1.train_step(engine, batch, cfg, info).finite
     if info.is_main:
         torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()},
