@@ -38,8 +38,12 @@ Logits may be float32, bfloat16 or float16; all math is float32; the loss is flo
 
 Layouts. Pixels are addressed as ``b*sb + k*sk + p*sp`` when (h, w) flatten into one stride
 (contiguous, channels_last, a uniformly strided view: ``FLAT_HW``, the loads then vectorise),
-else through (y, x). ``CHANNELS_LAST`` (channel stride 1) loads the tile pixel-major, the
-order in memory, so each thread reads whole runs of channels.
+else through (y, x). ``CHANNELS_LAST`` (channel stride 1, the training layout) loads the tile
+pixel-major, the order in memory (coalesced), and computes on it in a layout where each thread
+owns whole pixels, converted once through shared memory (``_pixels_along_threads``), so the
+reductions over channels need no warp shuffles. The launcher picks both flags from the strides
+and the tile size from K, B*h*w and the device's SM count (``tile_config``). Every kernel and
+configuration compiles for sm_80/sm_90 without spills: ``python -m epsdist_kernels.compile_check``.
 """
 from __future__ import annotations
 
