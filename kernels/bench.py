@@ -3,8 +3,10 @@
 What it measures. Two kernels (``--kernel``), each with its cases and modes:
 
 ``eps_loss`` -- the EPS saliency loss. Cases ``voc_b8_56``, ``coco_b16_41``, ``coco_b64_56``
-(realistic CAM-head output sizes); modes ``fwd`` (the loss only, logits without grad) and
-``fwd_bwd`` (loss + ``loss.backward()`` into a leaf, both inside the timed region).
+(realistic CAM-head output sizes, contiguous logits) and ``coco_b64_56_cl`` (the same sizes in
+the layout training uses: channels_last; run it with ``--dtype bf16`` for the training
+precision); modes ``fwd`` (the loss only, logits without grad) and ``fwd_bwd`` (loss +
+``loss.backward()`` into a leaf, both inside the timed region).
 
 ``cam_post`` -- pseudo-mask inference's post-processing of one image (8 views = 4 scales
 0.5/1/1.5/2 x 2 flips of a stride-8 network output, view maps round(H*s/8) x round(W*s/8),
@@ -15,8 +17,8 @@ normalised maps). Labels stay on the CPU, as a loader gives them.
 
 Providers, for each (case, mode), the median wall time of:
 
-    triton   the fused kernels: epsdist_kernels.eps_loss.eps_loss_triton (two fused passes; the
-             forward writes d(loss)/d(cam), the backward only scales it) /
+    triton   the fused kernels: epsdist_kernels.eps_loss.eps_loss_triton (forward: counts and
+             loss passes; backward: one pass writing grad_output * d(loss)/d(cam)) /
              epsdist_kernels.cam_post.cam_to_mask_triton (two passes)
     eager    the plain-PyTorch references: eps_loss_ref.eps_loss_reference /
              cam_post_ref.cam_to_mask_reference
@@ -43,6 +45,11 @@ samples (the nearest-resized pixels actually used) + labels; fwd_bwd = fwd + one
 gradient write; cam_post mask = the labelled channels of every view once + the uint8 mask;
 mask_norm = mask + the float32 (L, H, W) maps (the kernels also write and read an (L, H, W)
 float32 accumulator: not counted, so 100 % of copy bandwidth is out of reach).
+``idealMB`` is that ideal; ``movedMB`` the bytes each provider moves per call, computed, not
+measured: triton = the passes' model (``triton_bytes``: logits 2x in fwd, 4x in fwd_bwd, plus
+saliency samples and the small per-class buffers), eager = every ATen op of one call reading
+its inputs and writing its outputs once (``eager_bytes``, counted by running the call under a
+dispatch mode), compile and cam_post = n/a.
 ``%copy``: GB/s as a share of the card's copy bandwidth (dst.copy_(src) on 1 GiB float32, counted
 as 2 * bytes / time). ``peakMiB``: CUDA memory allocated by one call above what was allocated
 before it (the inputs). ``x eager`` / ``x compile``: how many times faster triton is, per
@@ -67,7 +74,10 @@ CASES = {
     "voc_b8_56": (8, 21, 56, 56, 448),
     "coco_b16_41": (16, 81, 41, 41, 321),
     "coco_b64_56": (64, 81, 56, 56, 448),
+    "coco_b64_56_cl": (64, 81, 56, 56, 448),     # the training layout (with --dtype bf16)
 }
+# logits memory format per case (default contiguous): training runs channels_last
+CASE_LAYOUT = {"coco_b64_56_cl": "channels_last"}
 # name: (H, W, K, L) -- output H x W, K-channel views, L labelled classes
 CAM_CASES = {
     "cam_voc": (375, 500, 21, 3),
@@ -89,11 +99,13 @@ def build_inputs(case: str, dtype: torch.dtype, device: torch.device):
     B, K, h, w, S = CASES[case]
     g = torch.Generator().manual_seed(SEED)
     cam = (torch.randn(B, K, h, w, generator=g) * 3).to(dtype)
+    if CASE_LAYOUT.get(case) == "channels_last":
+        cam = cam.contiguous(memory_format=torch.channels_last)
     sal = torch.rand(B, 1, S, S, generator=g)
     labels = (torch.rand(B, K - 1, generator=g) < 0.15).float()
     empty = labels.sum(1) == 0
     labels[empty, torch.randint(K - 1, (B,), generator=g)[empty]] = 1.0
-    return cam.to(device), sal.to(device), labels.to(device)
+    return cam.to(device), sal.to(device), labels.to(device)   # .to keeps the layout
 
 
 def ideal_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
@@ -101,6 +113,52 @@ def ideal_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
     cam = B * K * h * w * torch.empty((), dtype=dtype).element_size()
     total = cam + B * h * w * 4 + B * (K - 1) * 4          # saliency, labels: float32
     return total + (cam if mode == "fwd_bwd" else 0)
+
+
+def triton_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
+    """Bytes the fused kernels move per call (adaptive strategy), by construction of the passes:
+    the logits twice in fwd (counts pass, loss pass) and four times in fwd_bwd (+ the backward's
+    read and its gradient write); B*h*w float32 saliency samples per pass; labels once; the
+    (B, 2, C) int32 counts zeroed, added to and read; the per-program partial sums written and
+    read; in fwd_bwd the (B, BLOCK_K) coefficients written and read and the saliency a third
+    time. Computed, not measured (caches may serve part of the re-reads)."""
+    from .eps_loss import tile_config          # import here: triton only when asked
+    B, K, h, w, _ = CASES[case]
+    esize = torch.empty((), dtype=dtype).element_size()
+    cam = B * K * h * w * esize
+    block_k, block_p, _ = tile_config(K, B, h * w)
+    bwd = mode == "fwd_bwd"
+    small = B * (K - 1) * 4 + 3 * B * 2 * (K - 1) * 4 + 2 * B * -(-h * w // block_p) * 4
+    return (cam * (4 if bwd else 2) + B * h * w * 4 * (3 if bwd else 2) + small
+            + (2 * B * block_k * 4 if bwd else 0))
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride != 0 else 1           # expanded dimensions are read once
+    return n * t.element_size()
+
+
+def eager_bytes(fn) -> int:
+    """Bytes one call of ``fn`` moves if every ATen op reads its inputs and writes its outputs
+    once (views are free): the unfused model of eager PyTorch, counted by running it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not getattr(func, "is_view", False):
+                Counter.total += sum(_distinct_bytes(t) for t in tree_flatten((args, kwargs, out))[0]
+                                     if isinstance(t, torch.Tensor))
+            return out
+
+    with Counter():
+        fn()
+    return Counter.total
 
 
 def kernel_of(case: str) -> str:
@@ -183,7 +241,7 @@ def peak_mib(fn) -> float:
 def make_fn(loss_fn, cam, sal, labels, mode):
     if mode == "fwd":
         return lambda: loss_fn(cam, sal, labels).detach()
-    leaf = cam.detach().clone().requires_grad_(True)
+    leaf = cam.detach().clone().requires_grad_(True)          # clone keeps the layout
 
     def step():
         leaf.grad = None                                   # no accumulation across calls
@@ -217,8 +275,12 @@ def run_case(case, providers, modes, dtype, reps, copy_bw, fns, cuda, log):
                     print(f"WARNING: {case}: triton loss {got:.8g} vs eager {ref:.8g} "
                           f"(rel err {rel:.3g} > {tol:g})", flush=True)
             gbs = ideal_bytes(case, dtype, mode) / (ms * 1e-3) / 1e9
+            moved = (triton_bytes(case, dtype, mode) if prov == "triton" else
+                     eager_bytes(fn) if prov == "eager" else None)
             rows.append(dict(kernel="eps_loss", case=case, provider=prov, mode=mode, ms=ms,
-                             gbs=gbs, frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
+                             gbs=gbs, ideal_bytes=ideal_bytes(case, dtype, mode),
+                             bytes_moved=moved, layout=CASE_LAYOUT.get(case, "contiguous"),
+                             frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
                              peak_mib=peak_mib(fn) if cuda else None,
                              B=B, K=K, h=h, w=w, S=S))
     return rows
@@ -254,7 +316,8 @@ def run_cam_case(case, providers, modes, dtype, reps, copy_bw, fns, cuda, log):
                               flush=True)
             gbs = cam_ideal_bytes(case, dtype, mode) / (ms * 1e-3) / 1e9
             rows.append(dict(kernel="cam_post", case=case, provider=prov, mode=mode, ms=ms,
-                             gbs=gbs, frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
+                             gbs=gbs, ideal_bytes=cam_ideal_bytes(case, dtype, mode),
+                             bytes_moved=None, frac_of_copy_bw=gbs / copy_bw if copy_bw else None,
                              peak_mib=peak_mib(fn) if cuda else None,
                              H=H, W=W, K=K, L=L, V=len(views)))
     return rows
@@ -273,9 +336,9 @@ def speedups(rows):
 
 def print_table(rows, spd):
     sp = {(s["case"], s["mode"]): s for s in spd}
-    fmt = "{:<12} {:<8} {:<9} {:>10} {:>9} {:>7} {:>9} {:>8} {:>9}"
+    fmt = "{:<15} {:<8} {:<9} {:>10} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>8}"
     print(fmt.format("case", "provider", "mode", "ms", "GB/s", "%copy", "peakMiB",
-                     "x eager", "x compile"))
+                     "x eager", "x compile", "idealMB", "movedMB"))
     def num(v, spec):                       # small CPU numbers keep 3 significant digits
         return "n/a" if v is None else format(v, spec if abs(v) >= 100 else ".3g")
     for r in rows:
@@ -284,7 +347,9 @@ def print_table(rows, spd):
         print(fmt.format(r["case"], r["provider"], r["mode"], num(r["ms"], ".3f"),
                          num(r["gbs"], ".1f"), num(frac and 100 * frac, ".1f"),
                          num(r["peak_mib"], ".1f"),
-                         *(num(s[k], ".2f") if k in s else "" for k in ("vs_eager", "vs_compile"))))
+                         *(num(s[k], ".2f") if k in s else "" for k in ("vs_eager", "vs_compile")),
+                         *(num(r[k] and r[k] / 1e6, ".1f") if r.get(k) is not None else "n/a"
+                           for k in ("ideal_bytes", "bytes_moved"))))
 
 
 def write_json(path, obj):
@@ -383,7 +448,7 @@ def main(argv=None) -> int:
               "numbers of the code path, NOT performance.")
     if not cuda:
         print(f"NOTE: --reps {args.reps}; cases {','.join(cases)}. One interpreted pass over all "
-              "three eps_loss cases takes ~4-7 min on 2 cores (coco_b64_56 ~3 min of that); ask "
+              "four eps_loss cases takes ~7-10 min on 2 cores (coco_b64_56 ~3 min each); ask "
               "for them with --cases " + ",".join(CASES) + ". cam_post cases only when asked "
               "(--kernel cam_post or --cases cam_voc,cam_coco): one interpreted call takes "
               "~1.5 min (cam_voc) / ~3 min (cam_coco)")

@@ -55,7 +55,7 @@ Views may be float32, bfloat16 or float16 (upcast on load; all math float32).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
@@ -196,9 +196,21 @@ def tile_config(L: int) -> tuple[int, int, int]:
     return block_l, block_p, 4
 
 
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **meta)`` (also what the compile check builds)."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
 def _view_table(views: Sequence[torch.Tensor], flips: Sequence[bool],
                 classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base view, int64 table on the views' device): see ``_upsample_accumulate_kernel``."""
+    """(base view, int64 table on the views' device): see ``_upsample_accumulate_kernel``.
+
+    One host-to-device copy per image, from pinned memory on CUDA (asynchronous: no sync).
+    """
     base = min(views, key=lambda v: v.data_ptr())
     esize = base.element_size()
     rows = []
@@ -208,13 +220,43 @@ def _view_table(views: Sequence[torch.Tensor], flips: Sequence[bool],
             raise ValueError("views: a view's address is not aligned to its element size")
         rows += [delta // esize, v.shape[1], v.shape[2], *v.stride(), int(bool(flip)), 0]
     rows += classes.tolist()
-    return base, torch.tensor(rows, dtype=torch.int64).to(base.device, non_blocking=True)
+    table = torch.tensor(rows, dtype=torch.int64)
+    if base.device.type == "cuda":
+        table = table.pin_memory()
+    return base, table.to(base.device, non_blocking=True)
+
+
+def plan_cam_to_mask(views: Sequence[torch.Tensor], flips: Sequence[bool],
+                     classes: torch.Tensor, out_size: tuple[int, int], bg_threshold: float,
+                     *, return_norm: bool):
+    """Buffers and launches of both passes: ``(launches, table, acc, cmax, mask)``.
+    ``classes``: the (L,) labelled classes, L >= 1, on the CPU."""
+    H, W = out_size
+    dev = views[0].device
+    L = classes.numel()
+    base, table = _view_table(views, flips, classes)
+    acc = torch.empty((L, H, W), dtype=torch.float32, device=dev)
+    cmax = torch.full((L,), float("-inf"), dtype=torch.float32, device=dev)
+    mask = torch.empty((H, W), dtype=torch.uint8, device=dev)
+    block_l, block_p, num_warps = tile_config(L)
+    V = len(views)
+    launches = [
+        Launch(_upsample_accumulate_kernel, (triton.cdiv(H * W, block_p), triton.cdiv(L, block_l)),
+               (base, table, acc, cmax, V, L, H, W),
+               dict(ROW=ROW, BLOCK_L=block_l, BLOCK_P=block_p, num_warps=num_warps)),
+        Launch(_normalize_argmax_kernel, (triton.cdiv(H * W, block_p),),
+               (acc, cmax, table, mask, V, L, H * W, float(bg_threshold), NORM_EPS),
+               dict(WRITE_NORM=return_norm, ROW=ROW, BLOCK_L=block_l, BLOCK_P=block_p,
+                    num_warps=num_warps)),
+    ]
+    return launches, table, acc, cmax, mask
 
 
 def cam_to_mask_triton(views: Sequence[torch.Tensor], flips: Sequence[bool],
                        labels: torch.Tensor, out_size: tuple[int, int],
                        bg_threshold: float = 0.2, *, return_norm: bool = False) -> CamMasks:
-    """Same signature and result as ``cam_to_mask_reference`` (norm float32), fused in Triton."""
+    """Same signature and result as ``cam_to_mask_reference`` (norm float32), fused in Triton.
+    ``classes`` of the result is a slice of the kernels' table (no extra copy)."""
     C, K, H, W = check_cam_inputs(views, flips, labels, out_size, bg_threshold)
     if H * W >= 2**31:
         raise ValueError(f"out_size: H*W = {H * W} pixels, expected < 2**31")
@@ -238,21 +280,12 @@ def cam_to_mask_triton(views: Sequence[torch.Tensor], flips: Sequence[bool],
     if L == 0:
         norm = torch.zeros((0, H, W), dtype=torch.float32, device=dev) if return_norm else None
         return CamMasks(torch.zeros((H, W), dtype=torch.uint8, device=dev), norm,
-                        classes.to(dev))
-    base, table = _view_table(views, flips, classes)
-    acc = torch.empty((L, H, W), dtype=torch.float32, device=dev)
-    cmax = torch.full((L,), float("-inf"), dtype=torch.float32, device=dev)
-    mask = torch.empty((H, W), dtype=torch.uint8, device=dev)
-    block_l, block_p, num_warps = tile_config(L)
-    V = len(views)
-    _upsample_accumulate_kernel[(triton.cdiv(H * W, block_p), triton.cdiv(L, block_l))](
-        base, table, acc, cmax, V, L, H, W,
-        ROW=ROW, BLOCK_L=block_l, BLOCK_P=block_p, num_warps=num_warps)
-    _normalize_argmax_kernel[(triton.cdiv(H * W, block_p),)](
-        acc, cmax, table, mask, V, L, H * W, float(bg_threshold), NORM_EPS,
-        WRITE_NORM=return_norm, ROW=ROW, BLOCK_L=block_l, BLOCK_P=block_p,
-        num_warps=num_warps)
-    return CamMasks(mask, acc if return_norm else None, classes.to(dev))
+                        torch.zeros(0, dtype=torch.int64, device=dev))
+    launches, table, acc, _, mask = plan_cam_to_mask(views, flips, classes, (H, W),
+                                                     bg_threshold, return_norm=return_norm)
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.meta)
+    return CamMasks(mask, acc if return_norm else None, table[len(views) * ROW:])
 
 
 IMPLS = ("auto", "triton", "torch")
