@@ -1,0 +1,133 @@
+"""Correctness on the device: the fused kernels against their float64 references (the kernel
+tests' tolerances) and a short stage-1 run with the fused loss against the same run with the
+reference loss.
+
+Each check returns a record ``{"check", "ok", "detail", ...numbers}``; the caller collects them.
+The references are looked up at call time (``eps_loss_ref.eps_loss_reference``, ...), so a test
+can swap in a wrong one and see the check fail.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import workload as W
+
+# tests/test_eps_loss.py: loss and gradient, relative; float32 logits / half logits
+EPS_TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+# tests/test_cam_post.py TOL64: normalised maps vs the float64 reference (F.interpolate in
+# float64), scaled by max(1, max |norm|); masks may differ only where the two best scores are
+# closer than that
+CAM_TOL64 = 3e-5
+# fused-vs-reference training run: the first step sees the same logits (deterministic convs), so
+# the two losses differ only by the loss kernels' float32 summation order; later steps also
+# carry the gradients' rounding (in bf16: one bf16 ulp, 0.4 %, on some logits' gradients)
+# through backward and the SGD updates
+RUN_FIRST_TOL = 1e-5
+RUN_SEQ_TOL = {"fp32": 1e-3, "bf16": 2e-2}
+
+
+def _finite(*xs) -> bool:
+    return all(math.isfinite(x) for x in xs)
+
+
+def eps_kernel_check(name, shape, dtype_name, layout, device, grad_scale=0.37):
+    """Fused loss + backward vs the float64 reference on the same logit values."""
+    from epsdist_kernels import eps_loss_ref
+    from epsdist_kernels.eps_loss import eps_loss_triton
+    dtype = W.DTYPES[dtype_name]
+    cam, sal, labels = W.eps_inputs(shape, device, seed=sum(shape))
+    x = cam.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.detach().requires_grad_()
+    loss = eps_loss_triton(x, sal, labels)
+    (loss * grad_scale).backward()
+    ref_x = cam.to(dtype).double().requires_grad_()
+    ref = eps_loss_ref.eps_loss_reference(ref_x, sal.double(), labels)
+    (ref * grad_scale).backward()
+    tol = EPS_TOL[dtype_name]
+    loss_err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12)
+    B, _, h, w, _ = shape
+    floor = 2.0 * abs(grad_scale) / (B * h * w)        # the largest a pixel's gradient can get
+    grad_err = ((x.grad.double() - ref_x.grad).abs().max().item()
+                / max(ref_x.grad.abs().max().item(), floor))
+    layout_ok = (layout != "channels_last"
+                 or x.grad.is_contiguous(memory_format=torch.channels_last))
+    ok = _finite(loss_err, grad_err) and loss_err <= tol and grad_err <= tol and layout_ok \
+        and x.grad.dtype == dtype
+    detail = f"loss rel err {loss_err:.2g}, grad rel err {grad_err:.2g} (tol {tol:g})"
+    if not layout_ok:
+        detail += "; gradient lost the channels_last layout"
+    return dict(check=f"eps_loss {name} {dtype_name} {layout}", ok=ok, detail=detail,
+                loss_rel_err=loss_err, grad_rel_err=grad_err, tol=tol)
+
+
+def cam_kernel_check(name, size, dtype_name, device):
+    """Fused CAM post-processing vs the float64 reference: normalised maps within
+    CAM_TOL64 x max(1, max |norm|), mask pixels differing only at near-ties."""
+    from epsdist_kernels import cam_post_ref
+    from epsdist_kernels.cam_post import cam_to_mask_triton
+    views, flips, labels, out = W.cam_inputs(size, W.DTYPES[dtype_name], device, seed=7)
+    got = cam_to_mask_triton(views, flips, labels, out, 0.2, return_norm=True)
+    ref = cam_post_ref.cam_to_mask_reference([v.double() for v in views], flips, labels, out,
+                                             0.2, return_norm=True)
+    mag = max(1.0, ref.norm.abs().max().item())
+    tol = CAM_TOL64 * mag
+    norm_err = (got.norm.double() - ref.norm).abs().max().item()
+    scores = torch.cat([torch.full((1, *out), 0.2, dtype=torch.float64, device=ref.norm.device),
+                        ref.norm])
+    top = scores.topk(2, dim=0).values
+    near_tie = (top[0] - top[1]) < tol
+    differ = got.mask != ref.mask
+    bad = int((differ & ~near_tie).sum())
+    ok = _finite(norm_err) and norm_err <= tol and bad == 0 and got.mask.dtype == torch.uint8
+    return dict(check=f"cam_post {name} {dtype_name}", ok=ok,
+                detail=f"norm max err {norm_err:.2g} (tol {tol:.2g}); {bad} mask pixels differ "
+                       f"away from ties, {int(differ.sum())} in all",
+                norm_err=norm_err, mask_bad=bad, tol=tol)
+
+
+def training_run_check(plan, key: str, precision: str, device, log):
+    """``plan.run_steps`` stage-1 steps of the real model (``plan.backbone``) with the fused
+    loss, then the same steps from the same weights, batches and dropout seed with the
+    reference loss; the per-step total losses must agree (RUN_FIRST_TOL on step 1,
+    RUN_SEQ_TOL afterwards). bf16 runs in the training layout (channels_last), fp32 contiguous.
+    Convolutions are made deterministic for the two runs (restored afterwards)."""
+    size = plan.train_sizes[key]
+    cl = precision == "bf16"
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        model = W.build(plan.backbone, size.classes, device, channels_last=cl)
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        batches = W.train_batches(size, plan.run_steps, device, seed=1)
+        runs = {}
+        for impl in ("triton", "torch"):
+            model.load_state_dict(init)
+            opt = W.optimizer(model)
+            torch.manual_seed(123)                         # same dropout masks in both runs
+            losses = [W.train_step(model, opt, b, lam=size.lam, precision=precision,
+                                   channels_last=cl, impl=impl) for b in batches]
+            runs[impl] = torch.stack(losses).float().cpu().tolist()
+            log(f"    {impl:<6} losses {runs[impl][0]:.5f} ... {runs[impl][-1]:.5f}")
+            del opt
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+        model = init = batches = None
+        W.free_memory()
+    fused, ref = runs["triton"], runs["torch"]
+    rel = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(fused, ref)]
+    first, worst = rel[0], max(rel)
+    tol = RUN_SEQ_TOL[precision]
+    ok = _finite(*fused, *ref) and first <= RUN_FIRST_TOL and worst <= tol
+    B, S = size.batch, size.size
+    return dict(check=f"stage-1 run {plan.backbone} {key} B={B} {S}px {precision}"
+                      f"{' channels_last' if cl else ''}: fused vs reference loss, "
+                      f"{plan.run_steps} steps",
+                ok=ok, detail=f"step-1 rel diff {first:.2g} (tol {RUN_FIRST_TOL:g}), max over "
+                              f"steps {worst:.2g} (tol {tol:g})",
+                first_rel_diff=first, max_rel_diff=worst, tol=tol,
+                losses_fused=fused, losses_reference=ref)
