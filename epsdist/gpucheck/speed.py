@@ -103,7 +103,7 @@ def train_row(plan, key, variant, device, log):
         losses = [W.train_step(net, opt, batches[i % 2], **kw) for i in range(plan.timed_steps)]
         W.sync(device)
         elapsed = time.perf_counter() - t0
-        last = float(losses[-1])
+        last = float(losses[-1].sum())
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     finally:
         cudnn.benchmark = saved

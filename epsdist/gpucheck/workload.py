@@ -174,19 +174,20 @@ def train_step(model, opt, batch, *, lam: float, precision: str, channels_last: 
                impl: str) -> torch.Tensor:
     """One stage-1 step as ``epsdist.stage1`` runs it (bf16 = autocast over float32 weights):
     classification loss + EPS saliency loss (``impl`` 'triton' fused, 'torch' reference),
-    backward, SGD step. Returns the detached total loss (no host sync)."""
+    backward, SGD step. Returns the detached (classification, saliency) losses as one float32
+    tensor of 2 (no host sync)."""
     from epsdist.loss import classification_loss, eps_loss
     image, sal, labels = batch
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         cam = model(image)
-    loss = classification_loss(cam, labels) + eps_loss(cam, sal, labels, tau=TAU, lam=lam,
-                                                       impl=impl, check_inputs=False)
+    loss_cls = classification_loss(cam, labels)
+    loss_sal = eps_loss(cam, sal, labels, tau=TAU, lam=lam, impl=impl, check_inputs=False)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss_cls + loss_sal).backward()
     opt.step()
-    return loss.detach()
+    return torch.stack([loss_cls.detach().float(), loss_sal.detach().float()])
 
 
 def sync(device) -> None:
