@@ -24,7 +24,8 @@ would start past it is skipped and listed):
    bf16 + channels_last.
 4. ``masks`` -- the pseudo-mask step per VOC-sized (375x500) and COCO-sized (480x640) image:
    4 scales x 2 flips through ``epsdist.infer.view_maps`` as inference batches them, then
-   ``cam_to_mask``; and the CPU's JPEG decode / PNG encode per image.
+   ``cam_to_mask``; the same with 4 images per forward (``speed.batched_view_maps``, a
+   candidate fast path for ``infer.py``); and the CPU's JPEG decode / PNG encode per image.
 5. ``compile`` -- the ``train.compile`` step rows (bf16 + channels_last + torch.compile) and the
    ``infer.compile`` pseudo-mask rows, last because compiling ResNet-38 takes a minute each.
 

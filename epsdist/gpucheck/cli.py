@@ -83,6 +83,8 @@ def parse_args(argv):
     p.add_argument("--budget-s", type=float, default=None,
                    help="time budget of the whole run in seconds; items that would start past "
                         "it are skipped and listed (default 300; smoke 120)")
+    p.add_argument("--backbone", choices=("resnet38", "resnet50", "resnet101", "tiny"),
+                   default=None, help="stage-1 backbone (default resnet38; smoke: tiny)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available (and TRITON_INTERPRET is not 1), else CPU")
     args = p.parse_args(argv)
@@ -114,12 +116,79 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def correctness_section(run, plan, device, out):
+    """Never skipped for time: correctness is the point of the run."""
+    from . import correctness as C
+    always = float("-inf")
+    for name, shape in plan.loss_cases.items():
+        for dt in plan.dtypes:
+            for layout in ("contiguous", "channels_last"):
+                run.run("correctness", f"eps_loss {name} {dt} {layout}",
+                        lambda n=name, s=shape, d=dt, lo=layout:
+                        C.eps_kernel_check(n, s, d, lo, device), out, min_left=always)
+    for name, size in plan.cam_cases.items():
+        for dt in plan.dtypes:
+            run.run("correctness", f"cam_post {name} {dt}",
+                    lambda n=name, s=size, d=dt: C.cam_kernel_check(n, s, d, device), out,
+                    min_left=always)
+    for precision in ("fp32", "bf16"):
+        run.run("correctness", f"stage-1 run voc {precision}",
+                lambda p=precision: C.training_run_check(plan, "voc", p, device, run.log), out,
+                min_left=always)
+    for c in out:
+        if not c["ok"]:
+            run.log(f"  FAIL {c['check']}: {c['detail']}")
+
+
+def loss_section(run, plan, device, copy_bw, out):
+    from . import speed as S
+    cases = [(n, s, "fp32", "contiguous") for n, s in plan.loss_cases.items()]
+    cases += [(n, plan.loss_cases[c], "bf16", "channels_last")
+              for n, c in plan.train_layout_cases.items()]
+    got = []
+    run.run("loss", "providers", lambda: S.loss_providers(plan, with_compile=True), got)
+    for name, shape, dt, layout in (cases if got else []):
+        run.run("loss", f"{name} {dt} {layout}",
+                lambda n=name, s=shape, d=dt, lo=layout:
+                S.loss_rows(plan, n, s, d, lo, got[0], copy_bw, device, run.log),
+                out, min_left=10)
+    run.errors += [dict(section="loss", what=f"{r['case']} {r['provider']}", error=r["error"])
+                   for r in out if r.get("error")]
+
+
+def speed_sections(run, plan, device, want, results):
+    """train, masks, then the compile rows (slowest to warm up) last."""
+    from . import speed as S
+    if "train" in want:
+        for key in plan.train_sizes:
+            for variant in ("fp32", "bf16", "bf16+cl"):
+                run.run("train", f"{key} {variant}",
+                        lambda k=key, v=variant: S.train_row(plan, k, v, device, run.log),
+                        results["train"], min_left=15)
+    if "masks" in want:
+        for key in plan.mask_sizes:
+            for variant in ("eager", "batched"):
+                run.run("masks", f"{key} {variant}",
+                        lambda k=key, v=variant: S.mask_row(plan, k, v, device, run.log),
+                        results["masks"], min_left=10)
+            run.run("masks", f"{key} CPU decode/encode",
+                    lambda k=key: S.cpu_io_row(plan, k, run.log), results["cpu_io"])
+    if "compile" in want:
+        need = 0 if plan.smoke else 90           # inductor compiles of ResNet-38: ~1 min each
+        for key in plan.train_sizes:
+            run.run("compile", f"train {key} bf16+cl+compile",
+                    lambda k=key: S.train_row(plan, k, "bf16+cl+compile", device, run.log),
+                    results["train"], min_left=need)
+        for key in plan.mask_sizes:
+            run.run("compile", f"masks {key} infer.compile",
+                    lambda k=key: S.mask_row(plan, k, "compile", device, run.log),
+                    results["masks"], min_left=need)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    from . import correctness as C
     from . import report as R
-    from . import speed as S
     from .workload import Plan
     if not args.smoke and device.type != "cuda":
         print("gpucheck: no CUDA device (or --device cpu): the full sizes need a GPU; run "
@@ -127,85 +196,35 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     plan = Plan.smoke_plan() if args.smoke else Plan.full()
-    if args.steps:
-        plan.run_steps = args.steps
-    if args.timed_steps:
-        plan.timed_steps = args.timed_steps
-    if args.budget_s:
-        plan.budget_s = args.budget_s
+    for arg, attr in (("steps", "run_steps"), ("timed_steps", "timed_steps"),
+                      ("budget_s", "budget_s"), ("backbone", "backbone")):
+        if getattr(args, arg):
+            setattr(plan, attr, getattr(args, arg))
     run = Runner(plan.budget_s)
-    log = run.log
     want = set(args.sections)
     results = dict(correctness=[], loss=[], train=[], masks=[], cpu_io=[])
-    env = R.environment(device)
-    log(f"gpucheck: {env['card']} | driver {env.get('driver') or '—'} | CUDA {env['cuda']} | "
-        f"torch {env['torch']} | triton {env['triton']} | budget {plan.budget_s:.0f} s")
+    try:
+        env = R.environment(device)
+    except Exception as e:                                      # noqa: BLE001 -- recorded
+        env = dict(card=str(device), driver=None, cuda=torch.version.cuda, torch=torch.__version__,
+                   triton=None, error=f"{type(e).__name__}: {e}")
+    run.log(f"gpucheck: {env['card']} | driver {env.get('driver') or '—'} | CUDA {env['cuda']} "
+            f"| torch {env['torch']} | triton {env['triton']} | {plan.backbone} | budget "
+            f"{plan.budget_s:.0f} s")
     if device.type != "cuda":
-        log("NOTE: no CUDA: kernels run in Triton's interpreter, torch.compile uses the 'eager' "
-            "backend; these numbers only show that the path runs (smoke sizes)")
-    from epsdist_kernels.bench import measure_copy_bandwidth
+        run.log("NOTE: no CUDA: kernels run in Triton's interpreter, torch.compile uses the "
+                "'eager' backend; these numbers only show that the path runs (smoke sizes)")
+    from epsdist_kernels.bench import measure_copy_bandwidth, write_json
     bw = []
     run.run("setup", "copy bandwidth", measure_copy_bandwidth, bw)
     copy_bw = bw[0] if bw else None
     if copy_bw:
-        log(f"  copy bandwidth {copy_bw:.0f} GB/s")
-
+        run.log(f"  copy bandwidth {copy_bw:.0f} GB/s")
     if "correctness" in want:
-        for name, shape in plan.loss_cases.items():
-            for dt in plan.dtypes:
-                for layout in ("contiguous", "channels_last"):
-                    run.run("correctness", f"eps_loss {name} {dt} {layout}",
-                            lambda n=name, s=shape, d=dt, lo=layout:
-                            C.eps_kernel_check(n, s, d, lo, device), results["correctness"])
-        for name, size in plan.cam_cases.items():
-            for dt in plan.dtypes:
-                run.run("correctness", f"cam_post {name} {dt}",
-                        lambda n=name, s=size, d=dt: C.cam_kernel_check(n, s, d, device),
-                        results["correctness"])
-        for precision in ("fp32", "bf16"):
-            run.run("correctness", f"stage-1 run voc {precision}",
-                    lambda p=precision: C.training_run_check(plan, "voc", p, device, log),
-                    results["correctness"])
-        for c in results["correctness"]:
-            if not c["ok"]:
-                log(f"  FAIL {c['check']}: {c['detail']}")
-
+        correctness_section(run, plan, device, results["correctness"])
     if "loss" in want:
-        cases = [(n, s, "fp32", "contiguous") for n, s in plan.loss_cases.items()]
-        cases += [(n, plan.loss_cases[c], "bf16", "channels_last")
-                  for n, c in plan.train_layout_cases.items()]
-        got = []
-        run.run("loss", "providers", lambda: S.loss_providers(plan, with_compile=True), got)
-        for name, shape, dt, layout in (cases if got else []):
-            run.run("loss", f"{name} {dt} {layout}",
-                    lambda n=name, s=shape, d=dt, lo=layout:
-                    S.loss_rows(plan, n, s, d, lo, got[0], copy_bw, device, log),
-                    results["loss"], min_left=10)
-        run.errors += [dict(section="loss", what=f"{r['case']} {r['provider']}", error=r["error"])
-                       for r in results["loss"] if r.get("error")]
-    if "train" in want:
-        for key in plan.train_sizes:
-            for variant in ("fp32", "bf16", "bf16+cl"):
-                run.run("train", f"{key} {variant}",
-                        lambda k=key, v=variant: S.train_row(plan, k, v, device, log),
-                        results["train"], min_left=15)
-    if "masks" in want:
-        for key in plan.mask_sizes:
-            run.run("masks", f"{key} eager",
-                    lambda k=key: S.mask_row(plan, k, "eager", device, log),
-                    results["masks"], min_left=10)
-            run.run("masks", f"{key} CPU decode/encode",
-                    lambda k=key: S.cpu_io_row(plan, k, log), results["cpu_io"])
-    if "compile" in want:
-        need = 0 if plan.smoke else 90           # inductor compiles of ResNet-38: ~1 min each
-        for key in plan.train_sizes:
-            run.run("compile", f"train {key} bf16+cl+compile",
-                    lambda k=key: S.train_row(plan, k, "bf16+cl+compile", device, log),
-                    results["train"], min_left=need)
-        for key in plan.mask_sizes:
-            run.run("compile", f"masks {key} infer.compile",
-                    lambda k=key: S.mask_row(plan, k, "compile", device, log),
-                    results["masks"], min_left=need)
+        loss_section(run, plan, device, copy_bw, results["loss"])
+    speed_sections(run, plan, device, want, results)
 
     result = dict(
         smoke=plan.smoke, device=str(device), date=datetime.date.today().isoformat(),
@@ -214,21 +233,23 @@ def main(argv=None) -> int:
         speed=dict(loss=results["loss"], train=results["train"], masks=results["masks"],
                    cpu_io=results["cpu_io"]),
         errors=run.errors, skipped=run.skipped)
-    result["verdict"] = R.verdict(result)
     failed = [c for c in result["correctness"] if not c["ok"]]
     result["correctness_ok"] = not failed and ("correctness" not in want
                                                or bool(result["correctness"]))
+    report = []
+    run.run("report", "verdict and table",
+            lambda: (R.verdict(result), R.markdown({**result, "verdict": R.verdict(result)})),
+            report)
+    result["verdict"], result["markdown"] = report[0] if report else ([], "")
     status = 0 if result["correctness_ok"] and not run.errors else 1
     result["exit_status"] = status
     result["elapsed_s"] = run.elapsed()
-    result["markdown"] = R.markdown(result)
     print()
     print(result["markdown"], end="", flush=True)
     if args.json:
-        from epsdist_kernels.bench import write_json
         write_json(args.json, result)
-        log(f"wrote {args.json}")
-    log(f"gpucheck: {'OK' if status == 0 else 'FAILED'} in {run.elapsed():.0f} s "
-        f"(exit status {status}: non-zero when a correctness check fails or a section raises; "
-        f"speed goals missed are reported, not failures)")
+        run.log(f"wrote {args.json}")
+    run.log(f"gpucheck: {'OK' if status == 0 else 'FAILED'} in {run.elapsed():.0f} s (exit "
+            f"status {status}: non-zero when a correctness check fails or a step raises; speed "
+            f"goals missed are reported, not failures)")
     return status

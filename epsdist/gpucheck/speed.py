@@ -44,6 +44,7 @@ def loss_rows(plan, name, shape, dtype_name, layout, providers, copy_bw, device,
         try:
             ms, out = bench.time_fn(step, reps=plan.loss_reps, warmup=warmup, cuda=cuda)
             value = float(out)
+            peak = bench.peak_mib(step) if cuda else None
         except Exception as e:                   # noqa: BLE001 -- one provider: record, go on
             err = f"{type(e).__name__}: {e}"[:1000]
             log(f"    {name:<18} {dtype_name} {layout:<13} {prov:<8} ERROR {err[:300]}")
@@ -56,7 +57,7 @@ def loss_rows(plan, name, shape, dtype_name, layout, providers, copy_bw, device,
         row = dict(case=name, dtype=dtype_name, layout=layout, provider=prov, ms=ms,
                    gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=floor_ms,
                    x_floor=ms / floor_ms if floor_ms else None,
-                   peak_mib=bench.peak_mib(step) if cuda else None, loss=value,
+                   peak_mib=peak, loss=value,
                    shape=list(shape))
         rows.append(row)
         log(f"    {name:<18} {dtype_name} {layout:<13} {prov:<8} {ms:9.3f} ms"
@@ -78,7 +79,8 @@ def loss_providers(plan, with_compile: bool):
 
 
 def train_row(plan, key, variant, device, log):
-    """img/s of ``plan.timed_steps`` stage-1 steps (fused loss) after ``plan.warmup_steps``."""
+    """img/s of ``plan.timed_steps`` stage-1 steps (fused loss) after ``plan.warmup_steps``,
+    on batches already on the device (the loader is measured by ``epsdist.data.bench``)."""
     precision, cl, comp = TRAIN_VARIANTS[variant]
     size = plan.train_sizes[key]
     cudnn = torch.backends.cudnn
@@ -100,10 +102,14 @@ def train_row(plan, key, variant, device, log):
         W.sync(device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        losses = [W.train_step(net, opt, batches[i % 2], **kw) for i in range(plan.timed_steps)]
+        finite = True
+        for i in range(plan.timed_steps):
+            losses = W.train_step(net, opt, batches[i % 2], **kw)
+            # the trainer reads its losses back every step (the NaN check): one host sync
+            finite = bool(torch.isfinite(losses).all()) and finite
         W.sync(device)
         elapsed = time.perf_counter() - t0
-        last = float(losses[-1].sum())
+        last = float(losses.sum())
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     finally:
         cudnn.benchmark = saved
@@ -114,18 +120,47 @@ def train_row(plan, key, variant, device, log):
         f"({1e3 * elapsed / plan.timed_steps:.1f} ms/step; warm-up {warm_s:.1f} s)")
     return dict(size=key, variant=variant, batch=size.batch, crop=size.size,
                 classes=size.classes, img_per_s=ips, ms_per_step=1e3 * elapsed / plan.timed_steps,
-                warmup_s=warm_s, last_loss=last, finite=last == last and abs(last) != float("inf"),
+                warmup_s=warm_s, last_loss=last, finite=finite,
                 peak_gib=peak)
+
+
+GROUP = 4                 # images per forward in the 'batched' pseudo-mask variant
+
+
+@torch.no_grad()
+def batched_view_maps(model, images: torch.Tensor, scales):
+    """``epsdist.infer.view_maps`` for N same-size images (N, 3, H, W) in one forward per scale
+    (2N views with the flips): the candidate fast path "batch the views of several images",
+    measured here before ``infer.py`` gets it. Returns [(views, flips)] per image, in
+    ``view_maps``' order."""
+    import torch.nn.functional as F
+    N, _, H, W = images.shape
+    cuda = images.device.type == "cuda"
+    per = [([], []) for _ in range(N)]
+    for s in scales:
+        x = F.interpolate(images, size=(max(1, round(H * s)), max(1, round(W * s))),
+                          mode="bilinear", align_corners=False)
+        x = torch.cat([x, x.flip(-1)])
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = torch.softmax(model(x).float(), dim=1)
+        for i in range(N):
+            per[i][0].extend([out[i], out[N + i]])
+            per[i][1].extend([False, True])
+    return per
 
 
 def mask_row(plan, key, variant, device, log):
     """ms per image of the pseudo-mask step: ``epsdist.infer.view_maps`` (scales x 2 flips, one
     forward per scale with its flip) + ``cam_to_mask`` (fused on CUDA) + the mask to the host,
     as ``epsdist/infer.py`` does per image. Image decode and PNG encode are CPU work, timed
-    apart (``cpu_io_row``). ``variant``: 'eager' or 'compile' (infer.compile)."""
+    apart (``cpu_io_row``). ``variant``: 'eager', 'compile' (infer.compile) or 'batched'
+    (eager, GROUP images per forward: ``batched_view_maps``)."""
     from epsdist.infer import view_maps
     from epsdist_kernels.cam_post import cam_to_mask
     size = plan.mask_sizes[key]
+    out_size = (size.height, size.width)
     cudnn = torch.backends.cudnn
     saved = cudnn.benchmark
     cudnn.benchmark = True
@@ -136,36 +171,49 @@ def mask_row(plan, key, variant, device, log):
         net = (torch.compile(model, backend=plan.compile_backend) if variant == "compile"
                else model)
         g = torch.Generator().manual_seed(3)
-        n_warm = 1 if plan.smoke else 2
-        images = [torch.randn(1, 3, size.height, size.width, generator=g).to(device)
-                  for _ in range(n_warm + plan.mask_images)]
+        group = min(GROUP, plan.mask_images) if variant == "batched" else 1
+        n_warm = group if plan.smoke else 2 * group
+        images = torch.randn(n_warm + plan.mask_images, 3, *out_size, generator=g).to(device)
         labels = torch.zeros(size.classes)
         labels[torch.randperm(size.classes, generator=g)[:size.labelled]] = 1.0
 
-        def one(x):
-            views, flips = view_maps(net, x, plan.scales, True, True)
-            return cam_to_mask(views, flips, labels, (size.height, size.width), 0.2).mask.cpu()
+        def masks_of(x):                         # x: (n, 3, H, W) -> n host masks
+            if variant == "batched":
+                per = batched_view_maps(net, x, plan.scales)
+            else:
+                per = [view_maps(net, x[i:i + 1], plan.scales, True, True)
+                       for i in range(len(x))]
+            return [cam_to_mask(v, f, labels, out_size, 0.2).mask.cpu() for v, f in per]
+
+        def run_all(xs):
+            return [m for i in range(0, len(xs), group) for m in masks_of(xs[i:i + group])]
 
         t0 = time.perf_counter()
-        for x in images[:n_warm]:
-            one(x)
+        run_all(images[:n_warm])
         W.sync(device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        masks = [one(x) for x in images[n_warm:]]
+        masks = run_all(images[n_warm:])
         W.sync(device)
         elapsed = time.perf_counter() - t0
-        assert masks[-1].shape == (size.height, size.width)
+        assert len(masks) == plan.mask_images and masks[-1].shape == out_size
+        agree = None
+        if variant != "eager":           # the same first image through infer.py's eager path
+            v, f = view_maps(model, images[n_warm:n_warm + 1], plan.scales, True, True)
+            ref = cam_to_mask(v, f, labels, out_size, 0.2).mask.cpu()
+            agree = float((ref == masks[0]).double().mean())
     finally:
         cudnn.benchmark = saved
         model = net = images = None
         W.free_memory()
     ms = 1e3 * elapsed / plan.mask_images
     log(f"    {key} {size.height}x{size.width} {variant:<8} {ms:9.2f} ms/image "
-        f"(warm-up {warm_s:.1f} s)")
+        f"(warm-up {warm_s:.1f} s" + (f"; mask pixels equal to eager's: {100 * agree:.3f} %"
+                                      if agree is not None else "") + ")")
     return dict(size=key, variant=variant, height=size.height, width=size.width,
                 classes=size.classes, labelled=size.labelled, views=2 * len(plan.scales),
-                ms_per_image=ms, warmup_s=warm_s, images=plan.mask_images)
+                images_per_forward=group, ms_per_image=ms, warmup_s=warm_s,
+                images=plan.mask_images, mask_agreement_with_eager=agree)
 
 
 def cpu_io_row(plan, key, log):

@@ -80,7 +80,7 @@ class Plan:
             cam_cases={"cam_tiny": MaskSize(21, 30, 20, 3)},
             train_sizes={"voc": TrainSize(2, 48, 20, 0.5), "coco": TrainSize(2, 32, 80, 0.9)},
             mask_sizes={"voc": MaskSize(24, 32, 20, 2), "coco": MaskSize(16, 24, 80, 3)},
-            run_steps=steps, warmup_steps=1, timed_steps=1, mask_images=1, loss_reps=1,
+            run_steps=steps, warmup_steps=1, timed_steps=1, mask_images=2, loss_reps=1,
             compile_backend="eager", budget_s=120.0)
 
 
@@ -150,14 +150,24 @@ def train_batches(size: TrainSize, n: int, device, seed=0):
 
 # ------------------------------------------------------------------------------ model and step
 
+_CPU_MODELS: dict = {}
+
+
 def build(backbone: str, classes: int, device, channels_last: bool = False, seed: int = 0):
-    """The stage-1 EPS network (C+1 maps), random-initialised (seeded), in train mode."""
+    """The stage-1 EPS network (C+1 maps), random-initialised (seeded; the CPU copy is made
+    once per process and copied, ResNet-38's initialisation takes seconds), in train mode."""
+    import copy
+
     from epsdist.config import ModelConfig
     from epsdist.models import build_model
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(backbone=backbone, weights="none", eps_head=True), classes,
-                        log=lambda msg: None)
-    model = model.to(device).train()
+    key = (backbone, classes, seed)
+    if key not in _CPU_MODELS:
+        rng = torch.get_rng_state()
+        torch.manual_seed(seed)
+        _CPU_MODELS[key] = build_model(ModelConfig(backbone=backbone, weights="none",
+                                                   eps_head=True), classes, log=lambda msg: None)
+        torch.set_rng_state(rng)
+    model = copy.deepcopy(_CPU_MODELS[key]).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
