@@ -16,8 +16,8 @@ would start past it is skipped and listed):
    loss sequences must agree (``correctness.RUN_FIRST_TOL`` on the first step,
    ``RUN_SEQ_TOL`` over all).
 2. ``loss`` -- the EPS loss fwd+bwd of ``voc_b8_56``, ``coco_b16_41``, ``coco_b64_56`` (fp32)
-   and of the training layout (bf16 channels_last logits), fused vs eager reference vs
-   ``torch.compile`` of it, with the bytes floor at the card's copy bandwidth
+   and of the training layout (bf16 channels_last logits), fused vs eager reference (vs
+   ``torch.compile`` of it, in section 5), with the bytes floor at the card's copy bandwidth
    (``epsdist_kernels.bench``'s ideal-bytes model and timing).
 3. ``train`` -- one stage-1 training step (fused loss, SGD with the four parameter groups) of
    ResNet-38-EPS at VOC size (B=8, 448²) and COCO size (B=16, 321²) in img/s: fp32, bf16,
@@ -26,8 +26,9 @@ would start past it is skipped and listed):
    4 scales x 2 flips through ``epsdist.infer.view_maps`` as inference batches them, then
    ``cam_to_mask``; the same with 4 images per forward (``speed.batched_view_maps``, a
    candidate fast path for ``infer.py``); and the CPU's JPEG decode / PNG encode per image.
-5. ``compile`` -- the ``train.compile`` step rows (bf16 + channels_last + torch.compile) and the
-   ``infer.compile`` pseudo-mask rows, last because compiling ResNet-38 takes a minute each.
+5. ``compile`` -- every ``torch.compile`` row, last because compiling takes long: the loss
+   reference compiled (with ``loss``), the ``train.compile`` step rows (bf16 + channels_last +
+   torch.compile) and the ``infer.compile`` pseudo-mask rows (ResNet-38: ~1 minute each).
 
 Then a verdict against the goals (``report``) and a markdown table for BENCHMARKS.md. Exit
 status 1 when a correctness check fails or any item raises (recorded, the run goes on); speed

@@ -75,14 +75,15 @@ def parse_args(argv):
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the results here")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma list of " + ",".join(SECTIONS) + " (default: all; 'compile' "
-                        "is the train.compile / infer.compile rows, run last)")
+                        "is the torch.compile rows -- the loss reference (with 'loss'), "
+                        "train.compile, infer.compile -- run last)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps of the fused-vs-reference training runs (default 20; smoke 2)")
     p.add_argument("--timed-steps", type=int, default=None,
                    help="timed training steps per speed row (default 10; smoke 1)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="time budget of the whole run in seconds; items that would start past "
-                        "it are skipped and listed (default 300; smoke 120)")
+                        "it are skipped and listed (default 300; smoke 600)")
     p.add_argument("--backbone", choices=("resnet38", "resnet50", "resnet101", "tiny"),
                    default=None, help="stage-1 backbone (default resnet38; smoke: tiny)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -140,25 +141,32 @@ def correctness_section(run, plan, device, out):
             run.log(f"  FAIL {c['check']}: {c['detail']}")
 
 
-def loss_section(run, plan, device, copy_bw, out):
-    from . import speed as S
+def loss_cases(plan):
     cases = [(n, s, "fp32", "contiguous") for n, s in plan.loss_cases.items()]
-    cases += [(n, plan.loss_cases[c], "bf16", "channels_last")
-              for n, c in plan.train_layout_cases.items()]
-    got = []
-    run.run("loss", "providers", lambda: S.loss_providers(plan, with_compile=True), got)
-    for name, shape, dt, layout in (cases if got else []):
-        run.run("loss", f"{name} {dt} {layout}",
-                lambda n=name, s=shape, d=dt, lo=layout:
-                S.loss_rows(plan, n, s, d, lo, got[0], copy_bw, device, run.log),
-                out, min_left=10)
-    run.errors += [dict(section="loss", what=f"{r['case']} {r['provider']}", error=r["error"])
-                   for r in out if r.get("error")]
+    return cases + [(n, plan.loss_cases[c], "bf16", "channels_last")
+                    for n, c in plan.train_layout_cases.items()]
 
 
-def speed_sections(run, plan, device, want, results):
-    """train, masks, then the compile rows (slowest to warm up) last."""
+def loss_section(run, plan, device, copy_bw, out, compiled: bool):
+    """The loss rows of one provider set: fused + eager, or (in 'compile') torch.compile."""
     from . import speed as S
+    section = "compile" if compiled else "loss"
+    got = []
+    run.run(section, "loss providers", lambda: S.loss_providers(plan, compiled), got)
+    for name, shape, dt, layout in (loss_cases(plan) if got else []):
+        rows = run.run(section, f"loss {name} {dt} {layout}",
+                       lambda n=name, s=shape, d=dt, lo=layout:
+                       S.loss_rows(plan, n, s, d, lo, got[0], copy_bw, device, run.log),
+                       out, min_left=30 if compiled and not plan.smoke else 10)
+        run.errors += [dict(section=section, what=f"{r['case']} {r['provider']}",
+                            error=r["error"]) for r in rows or [] if r.get("error")]
+
+
+def speed_sections(run, plan, device, copy_bw, want, results):
+    """loss, train, masks; then the compile rows (slowest to warm up) last."""
+    from . import speed as S
+    if "loss" in want:
+        loss_section(run, plan, device, copy_bw, results["loss"], compiled=False)
     if "train" in want:
         for key in plan.train_sizes:
             for variant in ("fp32", "bf16", "bf16+cl"):
@@ -174,6 +182,8 @@ def speed_sections(run, plan, device, want, results):
             run.run("masks", f"{key} CPU decode/encode",
                     lambda k=key: S.cpu_io_row(plan, k, run.log), results["cpu_io"])
     if "compile" in want:
+        if "loss" in want:
+            loss_section(run, plan, device, copy_bw, results["loss"], compiled=True)
         need = 0 if plan.smoke else 90           # inductor compiles of ResNet-38: ~1 min each
         for key in plan.train_sizes:
             run.run("compile", f"train {key} bf16+cl+compile",
@@ -183,6 +193,7 @@ def speed_sections(run, plan, device, want, results):
             run.run("compile", f"masks {key} infer.compile",
                     lambda k=key: S.mask_row(plan, k, "compile", device, run.log),
                     results["masks"], min_left=need)
+    S.add_rel_to_eager(results["loss"])
 
 
 def main(argv=None) -> int:
@@ -222,9 +233,7 @@ def main(argv=None) -> int:
         run.log(f"  copy bandwidth {copy_bw:.0f} GB/s")
     if "correctness" in want:
         correctness_section(run, plan, device, results["correctness"])
-    if "loss" in want:
-        loss_section(run, plan, device, copy_bw, results["loss"])
-    speed_sections(run, plan, device, want, results)
+    speed_sections(run, plan, device, copy_bw, want, results)
 
     result = dict(
         smoke=plan.smoke, device=str(device), date=datetime.date.today().isoformat(),

@@ -36,7 +36,7 @@ def loss_rows(plan, name, shape, dtype_name, layout, providers, copy_bw, device,
         cam = cam.contiguous(memory_format=torch.channels_last)
     nbytes = W.loss_bytes(shape, dtype)
     floor_ms = nbytes / (copy_bw * 1e9) * 1e3 if copy_bw else None
-    rows, ref_loss = [], None
+    rows = []
     for prov, fn in providers.items():
         step = bench.make_fn(fn, cam, sal, labels, "fwd_bwd")
         warmup = 0 if (prov == "triton" and not cuda) else 1
@@ -52,8 +52,6 @@ def loss_rows(plan, name, shape, dtype_name, layout, providers, copy_bw, device,
                              error=err, shape=list(shape)))
             W.free_memory()
             continue
-        if prov == "eager":
-            ref_loss = value
         row = dict(case=name, dtype=dtype_name, layout=layout, provider=prov, ms=ms,
                    gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=floor_ms,
                    x_floor=ms / floor_ms if floor_ms else None,
@@ -62,20 +60,29 @@ def loss_rows(plan, name, shape, dtype_name, layout, providers, copy_bw, device,
         rows.append(row)
         log(f"    {name:<18} {dtype_name} {layout:<13} {prov:<8} {ms:9.3f} ms"
             f"  ({time.perf_counter() - t0:.1f} s)")
-    for r in rows:                       # agreement with eager, informational
-        if ref_loss is not None and r.get("loss") is not None:
-            r["rel_to_eager"] = abs(r["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
     return rows
 
 
-def loss_providers(plan, with_compile: bool):
+def add_rel_to_eager(rows) -> None:
+    """Each loss row's relative difference to the eager row of its case (informational: the
+    correctness section holds the real check)."""
+    eager = {(r["case"], r["dtype"], r["layout"]): r.get("loss") for r in rows
+             if r["provider"] == "eager"}
+    for r in rows:
+        ref = eager.get((r["case"], r["dtype"], r["layout"]))
+        if ref is not None and r.get("loss") is not None:
+            r["rel_to_eager"] = abs(r["loss"] - ref) / max(abs(ref), 1e-12)
+
+
+def loss_providers(plan, compiled: bool):
+    """{'triton', 'eager'} (the fused kernels, the reference), or {'compile'}: torch.compile of
+    the reference (one compile per shape, dtype and layout)."""
     from epsdist_kernels import eps_loss_ref
     from epsdist_kernels.eps_loss import eps_loss_triton
-    provs = {"triton": eps_loss_triton, "eager": eps_loss_ref.eps_loss_reference}
-    if with_compile:
-        provs["compile"] = torch.compile(eps_loss_ref.eps_loss_reference, dynamic=False,
-                                         backend=plan.compile_backend)
-    return provs
+    if compiled:
+        return {"compile": torch.compile(eps_loss_ref.eps_loss_reference, dynamic=False,
+                                         backend=plan.compile_backend)}
+    return {"triton": eps_loss_triton, "eager": eps_loss_ref.eps_loss_reference}
 
 
 def train_row(plan, key, variant, device, log):

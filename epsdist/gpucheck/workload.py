@@ -81,7 +81,7 @@ class Plan:
             train_sizes={"voc": TrainSize(2, 48, 20, 0.5), "coco": TrainSize(2, 32, 80, 0.9)},
             mask_sizes={"voc": MaskSize(24, 32, 20, 2), "coco": MaskSize(16, 24, 80, 3)},
             run_steps=steps, warmup_steps=1, timed_steps=1, mask_images=2, loss_reps=1,
-            compile_backend="eager", budget_s=120.0)
+            compile_backend="eager", budget_s=600.0)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
