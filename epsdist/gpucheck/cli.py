@@ -35,8 +35,8 @@ class Runner:
         (less than ``min_left`` seconds of the budget left) or failed (recorded)."""
         left = self.budget_s - self.elapsed()
         if left < min_left:
-            self.skipped.append(dict(section=section, what=what,
-                                     reason=f"time budget: {left:.0f} s left, needs ~{min_left:.0f} s"))
+            self.skipped.append(dict(section=section, what=what, reason=f"time budget: "
+                                     f"{left:.0f} s left, needs ~{min_left:.0f} s"))
             self.log(f"[{self.elapsed():6.1f}s] SKIP {section}: {what} (time budget)")
             return None
         self.log(f"[{self.elapsed():6.1f}s] {section}: {what}")

@@ -102,7 +102,8 @@ def training_run_check(plan, key: str, precision: str, device, log):
     loss, then the same steps from the same weights, batches and dropout seed with the
     reference loss; the per-step losses must agree (RUN_FIRST_TOL on step 1, RUN_SEQ_TOL
     over all steps), each term (classification, saliency) relative to its own size. bf16 runs
-    in the training layout (channels_last), fp32 contiguous. Convolutions are made deterministic for the two runs (restored afterwards)."""
+    in the training layout (channels_last), fp32 contiguous. Convolutions are made
+    deterministic for the two runs (restored afterwards)."""
     size = plan.train_sizes[key]
     cl = precision == "bf16"
     cudnn = torch.backends.cudnn

@@ -35,7 +35,8 @@ def environment(device: torch.device) -> dict:
     import triton
     env = dict(python=platform.python_version(), torch=torch.__version__,
                triton=triton.__version__, cuda=torch.version.cuda,
-               cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+               cudnn=(torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+                      else None),
                triton_interpret=os.environ.get("TRITON_INTERPRET", "0") == "1")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -74,14 +75,16 @@ def verdict(result: dict) -> list[dict]:
         r = _best(result["speed"]["train"], key, "img_per_s", max)
         out.append(dict(goal=f"stage-1 step {key.upper()} (best variant)",
                         target=f">= {goal:g} img/s (H200)",
-                        measured=None if r is None else f"{r['img_per_s']:.1f} img/s ({r['variant']})",
+                        measured=(None if r is None
+                                  else f"{r['img_per_s']:.1f} img/s ({r['variant']})"),
                         met=None if (r is None or smoke) else r["img_per_s"] >= goal))
     for key, goal in MASK_GOALS_MS.items():
         r = _best(result["speed"]["masks"], key, "ms_per_image", min, ("eager", "compile"))
         out.append(dict(goal=f"pseudo-mask step per {key.upper()} image (infer.py, best of "
                              f"eager / infer.compile)",
                         target=f"<= {goal:g} ms",
-                        measured=None if r is None else f"{r['ms_per_image']:.2f} ms ({r['variant']})",
+                        measured=(None if r is None
+                                  else f"{r['ms_per_image']:.2f} ms ({r['variant']})"),
                         met=None if (r is None or smoke) else r["ms_per_image"] <= goal))
     return out
 
@@ -97,8 +100,9 @@ def _met(m):
 def markdown(result: dict) -> str:
     env, spd = result["environment"], result["speed"]
     bw = result.get("copy_bandwidth_gbs")
-    lines = [f"GPU check ({'smoke sizes, NOT performance' if result['smoke'] else 'full sizes'}), "
-             f"{result['date']}, `python -m epsdist.gpucheck{' --smoke' if result['smoke'] else ''}`",
+    smoke = result["smoke"]
+    lines = [f"GPU check ({'smoke sizes, NOT performance' if smoke else 'full sizes'}), "
+             f"{result['date']}, `python -m epsdist.gpucheck{' --smoke' if smoke else ''}`",
              "",
              "| card | driver | CUDA | cuDNN | torch | triton | copy bandwidth |",
              "|---|---|---|---|---|---|---|",
