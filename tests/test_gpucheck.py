@@ -33,7 +33,7 @@ def test_smoke_run_passes_and_reports_every_section(tmp_path, capsys):
     checks = {c["check"]: c for c in r["correctness"]}
     assert all(c["ok"] for c in checks.values())
     want = {f"eps_loss {n} {d} {lo}" for n in plan.loss_cases for d in DTYPES for lo in LAYOUTS}
-    want |= {f"cam_post {n} {d}" for n in plan.cam_cases for d in DTYPES}
+    want |= {f"cam_post {n} {d} {lo}" for n in plan.cam_cases for d in DTYPES for lo in LAYOUTS}
     assert want <= set(checks)
     for name in want:
         c = checks[name]
@@ -97,7 +97,7 @@ def test_a_wrong_reference_or_a_raising_kernel_fails_the_run(tmp_path, monkeypat
     runs = [c for c in checks if c["check"].startswith("stage-1 run")]
     assert len(eps) == 12 and not any(c["ok"] for c in eps)
     assert all(0.04 < c["loss_rel_err"] < 0.06 for c in eps)   # the 5 % was seen
-    assert len(cam) == 3 and not any(c["ok"] for c in cam)
+    assert len(cam) == 6 and not any(c["ok"] for c in cam)
     assert all("simulated kernel failure" in c["detail"] for c in cam)
     assert len(runs) == 2 and not any(c["ok"] for c in runs)     # the run went on after errors
     assert {e["section"] for e in r["errors"]} == {"correctness"}

@@ -10,7 +10,8 @@ would start past it is skipped and listed):
 1. ``correctness`` -- on the device, compiled: the fused EPS loss (loss + gradient) against the
    float64 reference on the benchmark shapes, fp32 / bf16 / fp16 logits, contiguous and
    channels_last (tolerances of tests/test_eps_loss.py); the fused CAM post-processing against
-   its float64 reference (tests/test_cam_post.py); a stage-1 run of ResNet-38-EPS at 448 px,
+   its float64 reference on VOC / COCO-sized views, contiguous and channels_last slices
+   (tests/test_cam_post.py); a stage-1 run of ResNet-38-EPS at 448 px,
    batch 8, ``--steps`` (20) steps with the fused loss and the same steps from the same weights,
    batches and dropout seed with the reference loss, in fp32 and in bf16 + channels_last: the
    loss sequences must agree (``correctness.RUN_FIRST_TOL`` on the first step,

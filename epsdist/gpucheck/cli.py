@@ -129,9 +129,10 @@ def correctness_section(run, plan, device, out):
                         C.eps_kernel_check(n, s, d, lo, device), out, min_left=always)
     for name, size in plan.cam_cases.items():
         for dt in plan.dtypes:
-            run.run("correctness", f"cam_post {name} {dt}",
-                    lambda n=name, s=size, d=dt: C.cam_kernel_check(n, s, d, device), out,
-                    min_left=always)
+            for layout in ("contiguous", "channels_last"):
+                run.run("correctness", f"cam_post {name} {dt} {layout}",
+                        lambda n=name, s=size, d=dt, lo=layout:
+                        C.cam_kernel_check(n, s, d, lo, device), out, min_left=always)
     for precision in ("fp32", "bf16"):
         run.run("correctness", f"stage-1 run voc {precision}",
                 lambda p=precision: C.training_run_check(plan, "voc", p, device, run.log), out,

@@ -72,12 +72,16 @@ def eps_kernel_check(name, shape, dtype_name, layout, device):
                 loss_rel_err=loss_err, grad_rel_err=grad_err, tol=tol)
 
 
-def cam_kernel_check(name, size, dtype_name, device):
+def cam_kernel_check(name, size, dtype_name, layout, device):
     """Fused CAM post-processing vs the float64 reference: normalised maps within
-    CAM_TOL64 x max(1, max |norm|), mask pixels differing only at near-ties."""
+    CAM_TOL64 x max(1, max |norm|), mask pixels differing only at near-ties. ``layout``
+    'channels_last': each view is a (K, h, w) slice of a channels_last batch, the strides
+    inference gets from a channels_last network."""
     from epsdist_kernels import cam_post_ref
     from epsdist_kernels.cam_post import cam_to_mask_triton
     views, flips, labels, out = W.cam_inputs(size, W.DTYPES[dtype_name], device, seed=7)
+    if layout == "channels_last":
+        views = [v[None].contiguous(memory_format=torch.channels_last)[0] for v in views]
     got = cam_to_mask_triton(views, flips, labels, out, 0.2, return_norm=True)
     ref = cam_post_ref.cam_to_mask_reference([v.double() for v in views], flips, labels, out,
                                              0.2, return_norm=True)
@@ -91,7 +95,7 @@ def cam_kernel_check(name, size, dtype_name, device):
     differ = got.mask != ref.mask
     bad = int((differ & ~near_tie).sum())
     ok = _finite(norm_err) and norm_err <= tol and bad == 0 and got.mask.dtype == torch.uint8
-    return dict(check=f"cam_post {name} {dtype_name}", ok=ok,
+    return dict(check=f"cam_post {name} {dtype_name} {layout}", ok=ok,
                 detail=f"norm max err {norm_err:.2g} (tol {tol:.2g}); {bad} mask pixels differ "
                        f"away from ties, {int(differ.sum())} in all",
                 norm_err=norm_err, mask_bad=bad, tol=tol)
