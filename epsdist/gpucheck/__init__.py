@@ -27,9 +27,10 @@ would start past it is skipped and listed):
    4 scales x 2 flips through ``epsdist.infer.view_maps`` as inference batches them, then
    ``cam_to_mask``; the same with 4 images per forward (``speed.batched_view_maps``, a
    candidate fast path for ``infer.py``); and the CPU's JPEG decode / PNG encode per image.
-5. ``compile`` -- every ``torch.compile`` row, last because compiling takes long: the loss
-   reference compiled (with ``loss``), the ``train.compile`` step rows (bf16 + channels_last +
-   torch.compile) and the ``infer.compile`` pseudo-mask rows (ResNet-38: ~1 minute each).
+5. ``compile`` -- every ``torch.compile`` row, last because compiling takes long: the
+   ``train.compile`` step rows (bf16 + channels_last + torch.compile), the ``infer.compile``
+   pseudo-mask rows (ResNet-38: ~1 minute each), then the loss reference compiled (with
+   ``loss``).
 
 Then a verdict against the goals (``report``) and a markdown table for BENCHMARKS.md. Exit
 status 1 when a correctness check fails or any item raises (recorded, the run goes on); speed

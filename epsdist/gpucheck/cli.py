@@ -182,9 +182,7 @@ def speed_sections(run, plan, device, copy_bw, want, results):
                         results["masks"], min_left=10)
             run.run("masks", f"{key} CPU decode/encode",
                     lambda k=key: S.cpu_io_row(plan, k, run.log), results["cpu_io"])
-    if "compile" in want:
-        if "loss" in want:
-            loss_section(run, plan, device, copy_bw, results["loss"], compiled=True)
+    if "compile" in want:                     # the config switches first, then the loss
         need = 0 if plan.smoke else 90           # inductor compiles of ResNet-38: ~1 min each
         for key in plan.train_sizes:
             run.run("compile", f"train {key} bf16+cl+compile",
@@ -194,6 +192,8 @@ def speed_sections(run, plan, device, copy_bw, want, results):
             run.run("compile", f"masks {key} infer.compile",
                     lambda k=key: S.mask_row(plan, k, "compile", device, run.log),
                     results["masks"], min_left=need)
+        if "loss" in want:
+            loss_section(run, plan, device, copy_bw, results["loss"], compiled=True)
     S.add_rel_to_eager(results["loss"])
 
 
@@ -257,8 +257,12 @@ def main(argv=None) -> int:
     print()
     print(result["markdown"], end="", flush=True)
     if args.json:
-        write_json(args.json, result)
-        run.log(f"wrote {args.json}")
+        try:
+            write_json(args.json, result)
+            run.log(f"wrote {args.json}")
+        except OSError as e:
+            run.log(f"ERROR: could not write --json {args.json}: {e}")
+            status = 1
     run.log(f"gpucheck: {'OK' if status == 0 else 'FAILED'} in {run.elapsed():.0f} s (exit "
             f"status {status}: non-zero when a correctness check fails or a step raises; speed "
             f"goals missed are reported, not failures)")
