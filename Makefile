@@ -4,6 +4,9 @@
 #               table at the end; minutes on 2 CPU cores). DEMO_ARGS="--seed 1" passes options.
 #   make test   the test suite
 # make bench runs the EPS-loss kernel microbenchmark on whatever device is here.
+# make gpu-check, on a machine with one GPU: correctness of the GPU path and every speed goal
+#               in <= 5 minutes (verdict + a table for BENCHMARKS.md; runs/gpu-check.json).
+#               GPU_CHECK_ARGS="--budget-s 480" passes options; --smoke runs it on a CPU.
 # Both bootstrap a virtual environment in $(VENV) from nothing; when it already exists and
 # setup.py / constraints.txt did not change, the environment is left alone.
 
@@ -13,8 +16,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.epsdist-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: demo test test-all bench env clean-env
+.PHONY: demo test test-all bench gpu-check env clean-env
 
 env: $(STAMP)
 
@@ -31,6 +35,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m epsdist_kernels.bench
+
+gpu-check: $(STAMP)
+	$(PY) -m epsdist.gpucheck --json runs/gpu-check.json $(GPU_CHECK_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -13,7 +13,8 @@ setup(
     version="0.1.0",
     description="EPS weakly supervised semantic segmentation with DeepSpeed and fused Triton kernels",
     python_requires=">=3.10",
-    packages=["epsdist", "epsdist.data", "epsdist.models", "epsdist.seg", "epsdist_kernels"],
+    packages=["epsdist", "epsdist.data", "epsdist.gpucheck", "epsdist.models", "epsdist.seg",
+              "epsdist_kernels"],
     package_dir={"epsdist": "epsdist", "epsdist_kernels": "kernels"},
     install_requires=[
         # The code runs on the stacks GPU images carry (torch 2.11 + triton 3.6 seen);

@@ -100,7 +100,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run or skip the step
     channels_last: bool = True  # on CUDA: channels_last activations
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (and the reference loss when loss.impl is torch)
 
 
 @dataclass
@@ -111,6 +111,7 @@ class InferConfig:
     flip: bool = True  # also run each scale horizontally flipped
     bg_threshold: float = 0.2  # background score against the max-normalised class maps
     impl: Literal["auto", "torch", "triton"] = "auto"  # CAM post-processing kernel
+    compile: bool = False  # torch.compile the model for inference (off until measured)
 
 
 @dataclass

@@ -70,14 +70,17 @@ def load_export(path: str) -> dict:
     return export
 
 
-def build_inference_model(export: dict, device: torch.device) -> torch.nn.Module:
+def build_inference_model(export: dict, device: torch.device,
+                          compile: bool = False) -> torch.nn.Module:
+    """The exported stage-1 model in eval mode on ``device`` (channels_last on CUDA), through
+    ``torch.compile`` when ``compile`` (``infer.compile``)."""
     model_cfg = from_dict(ModelConfig, {**export["config"]["model"], "weights": "none"})
     model = build_model(model_cfg, len(export["classes"]), log=lambda m: None)
     model.load_state_dict(export["state_dict"])
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return torch.compile(model) if compile else model
 
 
 @torch.no_grad()
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--shards {args.shards} has classes {manifest['classes']}, the model "
                          f"was trained on {export['classes']}")
     info = D.setup(cfg.run.dist_timeout_s)
-    model = build_inference_model(export, info.device)
+    model = build_inference_model(export, info.device, cfg.infer.compile)
     eps = export["config"]["model"]["eps_head"]
     C = len(export["classes"])
     dirs = {d: os.path.join(args.out, d) for d in ("masks", "cams", "panels")}

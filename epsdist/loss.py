@@ -34,7 +34,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def eps_loss(cam: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, *,
              tau: float = 0.4, lam: float = 0.5, strategy: str = "adaptive",
              bg_classes: Sequence[int] = (), impl: str = "auto", return_maps: bool = False,
-             check_inputs: bool = True):
+             check_inputs: bool = True, compile: bool = False):
     """The EPS saliency loss (Lee et al., CVPR 2021), exactly the authors' released semantics.
 
     Args:
@@ -52,6 +52,8 @@ def eps_loss(cam: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, *,
         check_inputs: check that saliency lies in [0, 1] (one reduction and a host sync; turn
             off in a training loop whose loader guarantees the range). Shapes and dtypes are
             always checked.
+        compile: run the reference (impl 'torch') through ``torch.compile`` (``train.compile``);
+            the fused kernels need no compiling and ignore it.
 
     Returns:
         the float32 scalar loss, differentiable w.r.t. ``cam`` (not ``saliency``), or
@@ -70,9 +72,20 @@ def eps_loss(cam: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, *,
     kwargs = dict(tau=tau, lam=lam, strategy=strategy, bg_classes=bg_classes,
                   return_maps=return_maps)
     if resolve_impl(impl, cam.device) == "torch":
-        return eps_loss_reference(cam, saliency.detach(), labels, **kwargs)
+        fn = compiled_reference() if compile else eps_loss_reference
+        return fn(cam, saliency.detach(), labels, **kwargs)
     from epsdist_kernels.eps_loss import eps_loss_triton  # imports triton only when used
     return eps_loss_triton(cam, saliency.detach(), labels, **kwargs)
+
+
+_COMPILED = {}
+
+
+def compiled_reference():
+    """``torch.compile(eps_loss_reference)``, made once per process."""
+    if "ref" not in _COMPILED:
+        _COMPILED["ref"] = torch.compile(eps_loss_reference)
+    return _COMPILED["ref"]
 
 
 def classification_loss(cam: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,7 @@ def forward_losses(engine, batch, cfg: EPSConfig, info: D.DistInfo):
         loss_sal = eps_loss(cam, batch.saliency, batch.labels, tau=cfg.loss.tau,
                             lam=cfg.loss.lam, strategy=cfg.loss.strategy,
                             bg_classes=cfg.loss.bg_classes, impl=cfg.loss.impl,
-                            check_inputs=False)
+                            check_inputs=False, compile=cfg.train.compile)
     else:
         loss_sal = torch.zeros((), device=cam.device)
     return cam, loss_cls, loss_sal
