@@ -323,3 +323,13 @@ def test_truncated_tar_warning_names_no_none_key(tmp_path, caplog):
     assert reason.split(":")[0] in ("truncated tar t-000001.tar", "unreadable tar t-000001.tar")
     assert 1 <= n <= 6 and f"skipping a sample of t-000001.tar: {reason}" in caplog.text
     assert "None" not in caplog.text
+
+
+def test_empty_and_foreign_bytes_are_decode_errors_that_say_so():
+    from epsdist.data.augment import DecodeError, decode_gray, decode_mask, decode_rgb
+    for decode in (decode_rgb, decode_gray, decode_mask):
+        with pytest.raises(DecodeError, match=r"empty file \(0 bytes\)"):
+            decode(b"")
+    with pytest.raises(DecodeError) as e:
+        decode_mask(b"%PDF-1.4")
+    assert "object at" not in str(e.value) and "8 bytes" in str(e.value)

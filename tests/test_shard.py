@@ -694,3 +694,23 @@ def test_id_with_a_space_is_named_whole(voc, capsys):
     sbd = voc["tmp"] / "sbd.txt"
     sbd.write_text("".join(f"/JPEGImages/{k}.jpg /SegmentationClassAug/{k}.png\n" for k in ids))
     assert shard.read_id_list(str(sbd)) == ids
+
+
+def test_verify_names_empty_and_foreign_members_plainly(good_out):
+    m = mf.read_manifest(str(good_out))
+    p = good_out / "train-000002.tar"
+    (key, fields), = read_tar(p)
+    fields["sal.png"], fields["jpg"] = b"", b"%PDF-1.4 not an image"
+    with tarfile.open(p, "w") as t:
+        for field, data in fields.items():
+            ti = tarfile.TarInfo(f"{key}.{field}")
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    m["shards"][2]["sha256"] = mf.sha256_file(str(p))
+    mf.write_manifest(str(good_out), m)
+    problems = verify.verify(str(good_out))
+    assert f"train-000002.tar: {key}: jpg does not decode (no image format Pillow knows, 21 bytes)" in problems
+    fields.pop("jpg")
+    assert verify.check_sample(key, {"png": b"", **fields}, m["classes"]) == [
+        f"{key}: png does not decode (empty member (0 bytes))"]
+    assert not any("object at" in x for x in problems)
