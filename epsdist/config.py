@@ -112,6 +112,7 @@ class InferConfig:
     bg_threshold: float = 0.2  # background score against the max-normalised class maps
     impl: Literal["auto", "torch", "triton"] = "auto"  # CAM post-processing kernel
     compile: bool = False  # torch.compile the model for inference (off until measured)
+    max_side: int = 1024  # larger images run at this long side; the mask is resized back
 
 
 @dataclass
@@ -139,6 +140,7 @@ class EPSConfig:
              "infer.scales", "a non-empty list of positive scales", list(self.infer.scales))
         need(0.0 <= self.infer.bg_threshold <= 1.0, "infer.bg_threshold", "in [0, 1]",
              self.infer.bg_threshold)
+        need(self.infer.max_side >= 16, "infer.max_side", ">= 16", self.infer.max_side)
         lo, hi = self.data.resize_long
         need(lo <= hi, "data.resize_long", "[lo, hi] with lo <= hi", list(self.data.resize_long))
         for i, c in enumerate(self.loss.bg_classes):

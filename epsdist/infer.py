@@ -20,8 +20,17 @@ Output under OUT:
   shards/            the input shards with ``seg.png`` replaced by the pseudo-mask (same keys,
                      same shard names), for the segmentation stage
   report.json        mIoU / confusion ratio against the ground truth, when the shards have it
+  infer_state.json   the checkpoint's sha256 and the settings that made the masks
 Images are split across ranks by index; a rerun skips images whose outputs exist (every file
-is written under a temporary name and renamed), so an interrupted run continues.
+is written under a temporary name and renamed), so an interrupted run continues -- but only
+with the same checkpoint (sha256) and settings (``infer.*``, model kind, classes, precision):
+a mismatch is an error naming what differs (exit 2), unless ``--overwrite``, which first
+removes the previous masks, CAMs, panels, shards, report and state (only those files).
+
+An image larger than ``infer.max_side`` (long side) is processed at that size and its mask
+resized back (nearest) to the original size, so one image's memory is bounded. An image that
+cannot be decoded or still fails (RuntimeError, e.g. out of memory, or MemoryError) is a
+named, counted skip; the run finishes, reports, and exits 1 unless ``--allow-skips``.
 """
 from __future__ import annotations
 
@@ -37,12 +46,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from epsdist import dist as D
-from epsdist.config import ModelConfig, add_config_args, config_from_args, dump_yaml, from_dict
+from epsdist.config import (ModelConfig, add_config_args, config_from_args, dump_yaml, from_dict,
+                            to_dict)
 from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, iter_tar_samples, read_manifest,
                                    sha256_file, shard_paths, write_manifest)
 from epsdist.data.masks import PALETTE, encode_mask
+from epsdist.infer_guard import (StaleOutput, check_resumable, clear_previous, inference_state,
+                                 model_config_notice, working_size, write_state)
 from epsdist.models import build_model
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,8 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--panels", type=int, default=0, metavar="N",
                     help="write PNG panels for the first N images")
     ap.add_argument("--no-shards", action="store_true", help="do not write pseudo-mask shards")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the outputs of another checkpoint or other settings in --out")
+    ap.add_argument("--allow-skips", action="store_true",
+                    help="exit 0 even if some images were skipped")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)        # overrides before and after the options
 
 
 def load_export(path: str) -> dict:
@@ -135,8 +151,27 @@ def main(argv=None) -> int:
         raise ValueError(f"--shards {args.shards} has classes {manifest['classes']}, the model "
                          f"was trained on {export['classes']}")
     info = D.setup(cfg.run.dist_timeout_s)
-    model = build_inference_model(export, info.device, cfg.infer.compile)
     eps = export["config"]["model"]["eps_head"]
+    notice = model_config_notice(to_dict(cfg.model), export["config"]["model"])
+    if info.is_main and notice and (args.config or any(o.strip().startswith("model.")
+                                                        for o in args.overrides)):
+        print(notice, file=sys.stderr, flush=True)
+    state = inference_state(sha256_file(args.checkpoint), to_dict(cfg.infer), eps,
+                            export["classes"], info.device.type)
+    try:
+        check_resumable(args.out, state, args.overwrite)
+    except StaleOutput as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        D.shutdown()
+        return 2
+    D.barrier()                                 # every rank has read the old state
+    if info.is_main:
+        if args.overwrite:
+            clear_previous(args.out)
+        write_state(args.out, state)
+    D.barrier()
+    model = build_inference_model(export, info.device, cfg.infer.compile)
     C = len(export["classes"])
     dirs = {d: os.path.join(args.out, d) for d in ("masks", "cams", "panels")}
     for d in dirs.values():
@@ -163,8 +198,8 @@ def main(argv=None) -> int:
             key = sample["__key__"]
             if done(key):
                 counts["existing"] += 1
-            elif infer_sample(model, sample, key, cfg.infer, eps, C, dirs, args,
-                              start + index < args.panels, cam_to_mask, info.device):
+            elif infer_or_skip(model, sample, key, cfg.infer, eps, C, dirs, args,
+                               start + index < args.panels, cam_to_mask, info.device):
                 counts["written"] += 1
             else:
                 counts["skipped"] += 1
@@ -176,18 +211,40 @@ def main(argv=None) -> int:
     totals = torch.tensor([counts["written"], counts["existing"], counts["skipped"]])
     D.all_reduce_sum(totals)
     D.barrier()
+    written, existing, skipped = totals.tolist()
     if info.is_main:
-        written, existing, skipped = totals.tolist()
         print(f"pseudo-masks: {written} written, {existing} already there, {skipped} skipped "
-              f"(unreadable) -> {dirs['masks']}", flush=True)
+              f"(named above) -> {dirs['masks']}", flush=True)
         if not args.no_shards:
             write_pseudo_shards(args.shards, manifest, dirs["masks"],
-                                os.path.join(args.out, "shards"), args.checkpoint)
+                                os.path.join(args.out, "shards"), args.checkpoint,
+                                state["checkpoint_sha256"])
         if SEG_FIELD in manifest.get("fields", [SEG_FIELD]):
             report(args, dirs["masks"], C + 1, allow_missing=skipped > 0)
     D.barrier()
     D.shutdown()
+    if skipped and not args.allow_skips:
+        if info.is_main:
+            print(f"error: {skipped} image(s) skipped; exit 1 (--allow-skips to accept)",
+                  file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def infer_or_skip(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_to_mask,
+                  device) -> bool:
+    """:func:`infer_sample`, with a failure of this one image (out of memory, ...) turned into
+    a named skip (False) so the other images still get their masks."""
+    try:
+        return infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel,
+                            cam_to_mask, device)
+    except (RuntimeError, MemoryError) as e:
+        message = str(e).splitlines()[0] if str(e) else ""
+        print(f"skipping {key}: inference failed ({type(e).__name__}: {message})",
+              file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
 
 
 def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_to_mask,
@@ -199,23 +256,30 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
     except (DecodeError, KeyError, TypeError, ValueError) as e:
         print(f"skipping {key}: {type(e).__name__}: {e}", file=sys.stderr)
         return False
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)
+    H, W = image.shape[:2]
+    h, w = working_size(H, W, icfg.max_side)
+    work = image if (h, w) == (H, W) else resize(image, h, w, Image.BILINEAR)
+    x = torch.from_numpy(work).permute(2, 0, 1)[None].to(device)
     x, _ = normalize_batch(x, torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device))
     views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps)
     need_norm = args.cams or want_panel
-    mask, norm, classes = cam_to_mask(views, flips, labels, tuple(image.shape[:2]),
+    mask, norm, classes = cam_to_mask(views, flips, labels, (h, w),
                                       icfg.bg_threshold, return_norm=need_norm, impl=icfg.impl)
-    mask = mask.cpu().numpy()
+    del views
+    work_mask = mask.cpu().numpy().astype(np.uint8)
+    mask = work_mask if (h, w) == (H, W) else resize(work_mask, H, W, Image.NEAREST)
     if args.cams:
         buf = io.BytesIO()
-        np.savez_compressed(buf, cams=norm.cpu().numpy().astype(np.float16),
-                            classes=classes.cpu().numpy())
+        np.savez_compressed(buf, cams=cams_at(norm, H, W), classes=classes.cpu().numpy())
         atomic_write_bytes(os.path.join(dirs["cams"], f"{key}.npz"), buf.getvalue())
-    if want_panel:
+    if want_panel:                              # at the working resolution
         sal = decode_gray(sample[SAL_FIELD]) if SAL_FIELD in sample else None
         gt = (np.asarray(Image.open(io.BytesIO(sample[SEG_FIELD])))
               if SEG_FIELD in sample else None)
-        grid = panel(image, sal, norm.float().cpu().numpy(), mask, gt)
+        if (h, w) != (H, W):
+            sal = resize(sal, h, w, Image.BILINEAR) if sal is not None else None
+            gt = resize(gt, h, w, Image.NEAREST) if gt is not None else None
+        grid = panel(work, sal, norm.float().cpu().numpy(), work_mask, gt)
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
         atomic_write_bytes(os.path.join(dirs["panels"], f"{key}.png"), buf.getvalue())
@@ -224,38 +288,82 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
     return True
 
 
-def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, checkpoint: str):
-    """The input shards with ``seg.png`` replaced by the pseudo-mask, shard for shard."""
+def resize(array: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    """An (H, W) or (H, W, 3) uint8 array resized with Pillow (``resample``: BILINEAR for
+    images, which antialiases when shrinking; NEAREST for masks)."""
+    return np.array(Image.fromarray(array).resize((width, height), resample))
+
+
+def cams_at(norm: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """The (L, h, w) normalised CAMs as float16 at the original (height, width), bilinearly
+    upsampled one class at a time when inference ran at a smaller working size."""
+    if tuple(norm.shape[1:]) == (height, width):
+        return norm.cpu().numpy().astype(np.float16)
+    out = np.empty((norm.shape[0], height, width), np.float16)
+    for i, cam in enumerate(norm.float()):
+        out[i] = F.interpolate(cam[None, None], size=(height, width), mode="bilinear",
+                               align_corners=False)[0, 0].cpu().numpy()
+    return out
+
+
+def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, checkpoint: str,
+                        checkpoint_sha256: str | None = None):
+    """The input shards with ``seg.png`` replaced by the pseudo-mask, shard for shard. Every
+    shard is written as ``.<name>.partial`` first; only when all are complete is the old
+    manifest removed, the shards renamed into place and the new manifest written, and then
+    the old shards the new manifest does not list are removed."""
     import tarfile
-    from epsdist.data.shard import add_sample
+    from epsdist.data.shard import TAR_FORMAT, add_sample
 
     os.makedirs(out, exist_ok=True)
-    shards, missing = [], 0
-    for path, entry in zip(shard_paths(src, manifest), manifest["shards"]):
-        name = entry["name"]
-        tmp = os.path.join(out, f".{name}.partial")
-        count = 0
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _, sample in iter_tar_samples(path):
-                mask_path = os.path.join(masks_dir, f"{sample['__key__']}.png")
-                if not os.path.exists(mask_path):
-                    missing += 1
-                    continue
-                with open(mask_path, "rb") as f:
-                    sample[SEG_FIELD] = f.read()
-                add_sample(tar, sample)
-                count += 1
-        if count:
+    old = set()
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        try:
+            old = {s["name"] for s in read_manifest(out)["shards"]}
+        except ValueError:
+            pass
+    shards, missing, partials = [], 0, []
+    try:
+        for path, entry in zip(shard_paths(src, manifest), manifest["shards"]):
+            name = entry["name"]
+            tmp = os.path.join(out, f".{name}.partial")
+            partials.append(tmp)
+            count = 0
+            with tarfile.open(tmp, "w", format=TAR_FORMAT) as tar:
+                for _, sample in iter_tar_samples(path):
+                    mask_path = os.path.join(masks_dir, f"{sample['__key__']}.png")
+                    if not os.path.exists(mask_path):
+                        missing += 1
+                        continue
+                    with open(mask_path, "rb") as f:
+                        sample[SEG_FIELD] = f.read()
+                    add_sample(tar, sample)
+                    count += 1
+            if count:
+                shards.append({"name": name, "count": count, "sha256": sha256_file(tmp)})
+    except BaseException:
+        for tmp in partials:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        os.unlink(os.path.join(out, "manifest.json"))
+    kept = {s["name"] for s in shards}
+    for tmp in partials:
+        name = os.path.basename(tmp)[1:-len(".partial")]
+        if name in kept:
             os.replace(tmp, os.path.join(out, name))
-            shards.append({"name": name, "count": count,
-                           "sha256": sha256_file(os.path.join(out, name))})
         else:
             os.unlink(tmp)
     write_manifest(out, {**manifest, "source": f"pseudo-masks of {manifest.get('source')}",
                          "num_samples": sum(s["count"] for s in shards), "shards": shards,
                          "pseudo_masks": {"from_shards": os.path.abspath(src),
                                           "checkpoint": os.path.abspath(checkpoint),
+                                          "checkpoint_sha256": checkpoint_sha256,
                                           "missing": missing}})
+    for name in old - kept:
+        if "/" not in name and os.path.isfile(os.path.join(out, name)):
+            os.unlink(os.path.join(out, name))
     print(f"pseudo-mask shards: {sum(s['count'] for s in shards)} samples in {len(shards)} "
           f"shards -> {out}" + (f" ({missing} images without a mask left out)" if missing else ""),
           flush=True)

@@ -58,9 +58,11 @@ def samples(root):
             yield s
 
 
-def expected_mask(model, sample, scales=(0.5, 1.0, 1.5, 2.0), thr=0.2):
-    """Independent computation of the pseudo-mask of one sample (PIL decode, one view at a time)."""
-    img = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.float32)
+def expected_mask(model, sample, scales=(0.5, 1.0, 1.5, 2.0), thr=0.2, size=None):
+    """Independent computation of the pseudo-mask of one sample (PIL decode, one view at a time);
+    ``size=(w, h)``: computed on the image resized to that size (Pillow bilinear)."""
+    pil = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    img = np.asarray(pil if size is None else pil.resize(size, Image.BILINEAR), dtype=np.float32)
     x = torch.from_numpy(img / 255).permute(2, 0, 1)[None]
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     H, W = img.shape[:2]
@@ -143,3 +145,138 @@ def test_bad_inputs_name_the_argument(setup, tmp_path):
                           str(tmp_path / "other.pt"), "--shards", str(root / "shards"),
                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert res.returncode != 0 and "classes" in res.stderr
+
+
+def infer_injected(root, out, fail_key, *extra):
+    """infer.py with an out-of-memory error injected into the inference of image ``fail_key``."""
+    code = ("import sys, torch\n"
+            "from epsdist import infer\n"
+            "real = infer.infer_sample\n"
+            "def failing(model, sample, key, *a):\n"
+            f"    if key == {fail_key!r}:\n"
+            "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.4 GiB')\n"
+            "    return real(model, sample, key, *a)\n"
+            "infer.infer_sample = failing\n"
+            "sys.exit(infer.main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-c", code, "--config", CONFIG, "--checkpoint",
+           str(root / "export" / "model.pt"), "--shards", str(root / "shards"), "--out", str(out),
+           *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_capped_resolution_and_a_failing_image_is_a_named_skip(setup, tmp_path):
+    """infer.max_side=48 on 80x80 images: masks keep the original size and equal the
+    computation at 48x48 resized back (nearest); one image failing with out-of-memory is
+    named and counted, the others are written, the report is made, the exit code is 1 (0 with
+    --allow-skips)."""
+    root, model = setup
+    keys = [s["__key__"] for s in samples(root)]
+    out = tmp_path / "capped"
+    res = infer_injected(root, out, keys[3], "infer.max_side=48", "--no-shards")
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"skipping {keys[3]}: inference failed (OutOfMemoryError: CUDA out of memory" in res.stderr
+    assert f"{len(keys) - 1} written, 0 already there, 1 skipped" in res.stdout
+    assert (out / "report.json").exists() and not (out / "masks" / f"{keys[3]}.png").exists()
+    for s in samples(root):
+        if s["__key__"] == keys[3]:
+            continue
+        mask = np.asarray(Image.open(out / "masks" / f"{s['__key__']}.png"))
+        W, H = Image.open(io.BytesIO(s["jpg"])).size
+        assert max(H, W) > 48
+        h, w = (round(H * 48 / max(H, W)), round(W * 48 / max(H, W)))
+        want, near_tie = expected_mask(model, s, size=(w, h))
+        up = lambda a: np.asarray(Image.fromarray(a.astype(np.uint8)).resize((W, H), Image.NEAREST))  # noqa: E731
+        assert mask.shape == (H, W)
+        ok = up(near_tie) == 0
+        assert (mask[ok] == up(want)[ok]).all(), s["__key__"]
+    again = infer_injected(root, out, keys[3], "infer.max_side=48", "--no-shards", "--allow-skips")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"0 written, {len(keys) - 1} already there, 1 skipped" in again.stdout
+
+
+def test_working_resolution_bounds_every_view(setup, tmp_path):
+    from epsdist.config import InferConfig
+    from epsdist.infer_guard import working_size
+    from epsdist_kernels.cam_post import cam_to_mask
+    from epsdist import infer as infer_mod
+    import argparse
+    root, model = setup
+    assert working_size(6000, 8000, 1024) == (768, 1024)
+    assert working_size(375, 500, 1024) == (375, 500)
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return model(x)
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    sample = {"__key__": "big", "jpg": buf.getvalue(), "cls.json": b"[1,0,1,0]"}
+    dirs = {d: str(tmp_path / d) for d in ("masks", "cams", "panels")}
+    for d in dirs.values():
+        os.makedirs(d)
+    icfg = InferConfig(max_side=64, impl="torch")
+    assert infer_mod.infer_sample(Recording().eval(), sample, "big", icfg, True, 4, dirs,
+                                  argparse.Namespace(cams=True), True, cam_to_mask,
+                                  torch.device("cpu"))
+    assert seen and max(max(s) for s in seen) <= 64 * max(icfg.scales)
+    assert np.asarray(Image.open(tmp_path / "masks" / "big.png")).shape == (200, 300)
+    cams = np.load(tmp_path / "cams" / "big.npz")
+    assert cams["cams"].shape == (2, 200, 300)
+    assert Image.open(tmp_path / "panels" / "big.png").size[1] == 43      # 64 * 200 / 300
+
+
+def test_rerun_with_another_checkpoint_or_settings_is_refused(setup, tmp_path):
+    """Resumption only with the same checkpoint (sha256) and settings; --overwrite replaces."""
+    import shutil
+    root, _ = setup
+    if not (root / "out" / "masks").exists():
+        pytest.skip("needs the output of test_masks_cams_panels_shards_and_report")
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
+    keys = sorted(before)
+
+    res = infer(root, out, "infer.bg_threshold=0.3")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "infer.bg_threshold 0.2 (now 0.3)" in res.stderr and "--overwrite" in res.stderr
+    assert "already there" not in res.stdout
+
+    cfg = load_config(CONFIG, ["model.eps_head=false"])
+    cam = build_model(cfg.model, 4, log=lambda m: None)
+    torch.save({"state_dict": cam.state_dict(), "config": to_dict(cfg),
+                "classes": list(synthetic.CLASSES), "num_maps": 4, "iteration": 0},
+               tmp_path / "cam.pt")
+    cmd = [sys.executable, INFER, "--config", CONFIG, "--checkpoint", str(tmp_path / "cam.pt"),
+           "--shards", str(root / "shards"), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "checkpoint_sha256" in res.stderr and "model 'eps' (now 'cam-baseline')" in res.stderr
+    assert "model settings of --config are ignored" in res.stderr
+    assert "model.eps_head: config True, checkpoint False" in res.stderr
+    assert {p.name: p.read_bytes() for p in (out / "masks").iterdir()} == before
+
+    res = infer(root, out, "--overwrite", "--no-shards", "infer.bg_threshold=0.3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(keys)} written, 0 already there" in res.stdout
+    assert not (out / "shards" / "manifest.json").exists() and not list((out / "cams").iterdir())
+    assert (out / "notes.txt").read_text() == "mine"
+    state = json.loads((out / "infer_state.json").read_text())
+    assert state["infer"]["bg_threshold"] == 0.3
+    assert sorted(p.name for p in (out / "masks").iterdir()) == keys
+
+
+def test_overrides_before_and_after_options(setup):
+    root, _ = setup
+    res = subprocess.run([sys.executable, INFER, "infer.flip=false", "--config", CONFIG,
+                          "--checkpoint", "x.pt", "--shards", "s", "--out", "o",
+                          "infer.bg_threshold=0.35", "--print-config"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "flip: false" in res.stdout and "bg_threshold: 0.35" in res.stdout

@@ -12,7 +12,7 @@ from PIL import Image
 
 from epsdist.data.augment import MEAN_U8, TrainAugment, normalize_batch
 from epsdist.data.loader import ShardLoader, batches_per_rank
-from epsdist.data.manifest import FORMAT, sha256_file, write_manifest
+from epsdist.data.manifest import FORMAT, read_manifest, sha256_file, write_manifest
 
 C = 3
 SMALL = TrainAugment(resize_long=(40, 56), crop_size=48)
@@ -293,3 +293,43 @@ def test_data_bench_runs_and_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert [r["what"] for r in result["rows"]] == ["per-core", "loader w0"]
     assert all(r["samples_per_s"] > 0 for r in result["rows"])
+
+
+def test_shard_not_matching_its_sha256_is_named_and_never_trained_on(tmp_path, caplog):
+    d = make_shards(str(tmp_path / "damaged"), [6, 6])
+    path = os.path.join(d, "t-000001.tar")
+    data = bytearray(open(path, "rb").read())
+    with tarfile.open(path) as tar:                    # one byte inside a JPEG's entropy data
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+    data[member.offset_data + member.size // 2] ^= 0x55
+    open(path, "wb").write(bytes(data))
+    loader = ShardLoader(d, batch_size=3, num_workers=0, augment=SMALL)
+    batches = collect(loader)
+    assert len(batches) == 4 and all(len(b.keys) == 3 for b in batches)
+    (reason, n), = loader.skipped.items()
+    assert reason.startswith("sha256 mismatch t-000001.tar") and n == 6
+    assert not {f"s{i:04d}" for i in range(6, 12)} & {k for b in batches for k in b.keys}
+    assert "sha256 mismatch t-000001.tar" in caplog.text
+
+
+def test_truncated_tar_warning_names_no_none_key(tmp_path, caplog):
+    d = make_shards(str(tmp_path / "trunc"), [6, 6], truncate=1)
+    m = read_manifest(d)                # a shard truncated before it was hashed: digest agrees
+    m["shards"][1]["sha256"] = sha256_file(os.path.join(d, "t-000001.tar"))
+    write_manifest(d, m)
+    loader = ShardLoader(d, batch_size=3, num_workers=0, augment=SMALL)
+    collect(loader)
+    (reason, n), = loader.skipped.items()
+    assert reason.split(":")[0] in ("truncated tar t-000001.tar", "unreadable tar t-000001.tar")
+    assert 1 <= n <= 6 and f"skipping a sample of t-000001.tar: {reason}" in caplog.text
+    assert "None" not in caplog.text
+
+
+def test_empty_and_foreign_bytes_are_decode_errors_that_say_so():
+    from epsdist.data.augment import DecodeError, decode_gray, decode_mask, decode_rgb
+    for decode in (decode_rgb, decode_gray, decode_mask):
+        with pytest.raises(DecodeError, match=r"empty file \(0 bytes\)"):
+            decode(b"")
+    with pytest.raises(DecodeError) as e:
+        decode_mask(b"%PDF-1.4")
+    assert "object at" not in str(e.value) and "8 bytes" in str(e.value)

@@ -289,12 +289,17 @@ def make_coco(coco_dir, sal_dir, split, rng):
         mask = np.zeros((h, w), np.uint8)
         mask[y0:y0 + 10, x0:x0 + 20] = 1
         _saliency(os.path.join(sal_dir, f"{name}.png"), mask)
+    # an image without annotations, as train2014 has: an expected exclusion, not a failure
+    _jpeg(os.path.join(img_dir, f"COCO_{split}2014_{4:012d}.jpg"), 40, 30, rng)
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(
+        os.path.join(sal_dir, f"COCO_{split}2014_{4:012d}.png"))
+    unannotated = {"id": 4, "file_name": f"COCO_{split}2014_{4:012d}.jpg", "width": 40, "height": 30}
     h1, w1 = images[0]["height"], images[0]["width"]          # a crowd region (RLE) on image 1
     anns.append({"id": 99, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 30.0,
                  "bbox": [30, 20, 6, 5],
                  "segmentation": {"size": [h1, w1], "counts": _rle_box(h1, w1, 30, 20, 6, 5)}})
     with open(os.path.join(ann_dir, f"instances_{split}2014.json"), "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+        json.dump({"images": images + [unannotated], "annotations": anns, "categories": cats}, f)
     return [im["file_name"][:-4] for im in images]
 
 

@@ -459,7 +459,7 @@ def coco(tmp_path):
     images, sal = tmp_path / "train2014", tmp_path / "sal"
     images.mkdir()
     sal.mkdir()
-    sizes = {1: (40, 30), 2: (36, 28), 3: (32, 32), 4: (30, 21)}
+    sizes = {1: (40, 30), 2: (36, 28), 3: (32, 32), 4: (30, 21), 5: (20, 20)}  # 5: no annotations
     imgs = []
     for i, (w, h) in sizes.items():
         fn = f"COCO_train2014_{i:012d}.jpg"
@@ -510,13 +510,19 @@ def test_coco(coco):
         out = coco["tmp"] / f"out{workers}"
         s = shard.shard_coco(str(coco["images"]), str(coco["ann"]), str(coco["sal"]), str(out),
                              shard_size=2, workers=workers, log=quiet)
-        assert s["exit_code"] == 1 and s["skipped"] == {"no label": 1}
+        # images 3 (crowd only) and 5 (no annotation) are expected exclusions, not failures
+        assert s["exit_code"] == 0 and s["skipped"] == {}
+        assert s["excluded"] == {"no annotations": 1, "only crowd annotations": 1}
+        assert s["warnings"] == {"degenerate polygon": 1}          # image 4's 2-point polygon
         outs.append(out)
     m, samples = read_all(outs[0])
     assert m == mf.read_manifest(str(outs[1]))
     assert m["classes"] == ["person", "airplane", "zebra"] and m["split"] == "train2014"
     assert [s["count"] for s in m["shards"]] == [2, 1]
-    assert m["skipped_examples"] == ["COCO_train2014_000000000003: no label for COCO_train2014_000000000003"]
+    assert m["skipped_examples"] == []
+    assert m["excluded"] == {"no annotations": 1, "only crowd annotations": 1}
+    assert m["warnings"] == {"degenerate polygon": 1}
+    assert m["warning_examples"][0].startswith(str(coco["images"] / "COCO_train2014_000000000004.jpg"))
     f = dict(samples)
     assert list(f) == [f"COCO_train2014_{i:012d}" for i in (1, 2, 4)]
     for k, fields in f.items():
@@ -567,7 +573,154 @@ def test_coco_bad_samples(coco, capsys):
     s = shard.shard_coco(str(coco["images"]), str(coco["ann"]), str(coco["sal"]), str(out),
                          allow_skips=True)
     assert s["exit_code"] == 0 and s["num_samples"] == 1
-    assert s["skipped"] == {"bad annotation": 1, "no label": 1, "size mismatch": 1}
+    assert s["skipped"] == {"bad annotation": 1, "size mismatch": 1}
     err = capsys.readouterr().err
     assert f"{coco['images'] / 'COCO_train2014_000000000002.jpg'}: bad annotation" in err
     assert f"{coco['images'] / 'COCO_train2014_000000000004.jpg'}: size mismatch" in err
+
+
+def test_coco_label_needs_pixels(coco, capsys):
+    """A non-crowd annotation whose polygons are all degenerate (< 3 points) or cover no pixel
+    gives no label: image 1 keeps person (rect) but loses zebra; image 2 loses its only class."""
+    data = json.loads(coco["ann"].read_text())
+    data["annotations"][0]["segmentation"] = [[1, 1, 2, 2]]          # image 1 zebra: 2 points
+    data["annotations"][3]["segmentation"] = [[5, 5, 6, 6, 7, 7]]    # image 2: collinear, no area
+    coco["ann"].write_text(json.dumps(data))
+    out = coco["tmp"] / "out"
+    s = shard.shard_coco(str(coco["images"]), str(coco["ann"]), str(coco["sal"]), str(out),
+                         log=quiet)
+    assert s["skipped"] == {"no label": 1} and s["exit_code"] == 1
+    # warnings count kept samples: image 1 (zebra) and image 4 (its 2-point polygon)
+    assert s["warnings"] == {"degenerate polygon": 2, "empty annotation": 1}
+    _, samples = read_all(out)
+    f = dict(samples)
+    assert "COCO_train2014_000000000002" not in f
+    seg1 = png_array(f["COCO_train2014_000000000001"]["seg.png"])
+    assert json.loads(f["COCO_train2014_000000000001"]["cls.json"]) == [1, 0, 0]
+    assert 3 not in np.unique(seg1)
+    for k, fields in f.items():       # every label has pixels in its mask
+        labels = json.loads(fields["cls.json"])
+        present = set(np.unique(png_array(fields["seg.png"])).tolist())
+        assert all((c + 1 in present) == bool(v) for c, v in enumerate(labels)), k
+
+
+# ----------------------------------------------------------------------------- issue 14 faults
+
+def rename_sample(voc, old, new):
+    root, sal = voc["root"], voc["sal"]
+    for folder, ext in ((root / "JPEGImages", "jpg"), (root / "SegmentationClass", "png"), (sal, "png")):
+        os.rename(folder / f"{old}.{ext}", folder / f"{new}.{ext}")
+
+
+def test_long_ids_round_trip_and_overlong_ids_are_named(voc, capsys):
+    ids = voc["ids"]
+    long_ascii, cjk, too_long = "a" * 150, "图" * 60, "b" * 210        # 150, 180, 210 bytes
+    for old, new in zip(ids, (long_ascii, cjk, too_long)):
+        rename_sample(voc, old, new)
+    keys = [long_ascii, cjk, too_long] + ids[3:]
+    (voc["root"] / "ImageSets/Segmentation/train.txt").write_text("\n".join(keys) + "\n", encoding="utf-8")
+    out = voc["tmp"] / "out"
+    s = shard.shard_voc(str(voc["root"]), str(voc["sal"]), str(out), split="train", shard_size=3,
+                        log=print)
+    assert s["skipped"] == {"bad id": 1} and s["exit_code"] == 1
+    assert too_long in capsys.readouterr().err
+    m = mf.read_manifest(str(out))
+    got = [x["__key__"] for p in mf.shard_paths(str(out), m) for _, x in mf.iter_tar_samples(p)]
+    assert got == [long_ascii, cjk] + ids[3:]
+    assert verify.verify(str(out)) == []
+
+
+def test_failed_rerun_keeps_the_previous_output(voc, monkeypatch):
+    out = voc["tmp"] / "out"
+    args = (str(voc["root"]), str(voc["sal"]), str(out))
+    shard.shard_voc(*args, split="train", shard_size=2, log=quiet)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    calls = []
+    real_add = shard.add_sample
+
+    def failing_add(tar, sample):                       # the disk fills up in the third shard
+        calls.append(sample["__key__"])
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        real_add(tar, sample)
+
+    monkeypatch.setattr(shard, "add_sample", failing_add)
+    with pytest.raises(OSError):
+        shard.shard_voc(*args, split="train", shard_size=3, log=quiet)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert verify.verify(str(out)) == []
+
+
+def test_saliency_in_alpha_and_all_zero_saliency_are_counted(voc, capsys):
+    root, sal, ids = voc["root"], voc["sal"], voc["ids"]
+    w, h = SIZES[0]
+    alpha = np.random.default_rng(5).integers(0, 255, (h, w), dtype=np.uint8)
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., 3] = alpha
+    Image.fromarray(rgba, "RGBA").save(sal / f"{ids[0]}.png")
+    w, h = SIZES[1]
+    Image.fromarray(np.zeros((h, w), np.uint8)).save(sal / f"{ids[1]}.png")
+    out = voc["tmp"] / "out"
+    s = shard.shard_voc(str(root), str(sal), str(out), split="train", log=print)
+    assert s["exit_code"] == 0
+    warned = {"all-zero saliency": 1, "saliency in alpha channel": 1}
+    assert s["warnings"] == warned
+    m, samples = read_all(out)
+    assert m["warnings"] == warned and len(m["warning_examples"]) == 2
+    np.testing.assert_array_equal(png_array(dict(samples)[ids[0]]["sal.png"]), alpha)
+    err = capsys.readouterr().err
+    assert f"{sal / ids[0]}.png: warning: saliency in alpha channel" in err
+    assert f"{sal / ids[1]}.png: warning: all-zero saliency" in err
+
+
+def test_zero_byte_and_foreign_files_are_named_plainly(voc, capsys):
+    root, sal, ids = voc["root"], voc["sal"], voc["ids"]
+    (root / "JPEGImages" / f"{ids[0]}.jpg").write_bytes(b"")
+    (sal / f"{ids[1]}.png").write_bytes(b"")
+    (root / "SegmentationClass" / f"{ids[2]}.png").write_bytes(b"")
+    (root / "JPEGImages" / f"{ids[3]}.jpg").write_bytes(b"%PDF-1.4 not an image")
+    out = voc["tmp"] / "out"
+    s = shard.shard_voc(str(root), str(sal), str(out), split="train", log=print)
+    assert s["skipped"] == {"unreadable image": 2, "unreadable mask": 1, "unreadable saliency": 1}
+    err = capsys.readouterr().err
+    assert "object at 0x" not in err
+    assert f"{root / 'JPEGImages' / ids[0]}.jpg: unreadable image (empty file (0 bytes))" in err
+    assert f"{sal / ids[1]}.png: unreadable saliency (empty file (0 bytes))" in err
+    assert f"{root / 'SegmentationClass' / ids[2]}.png: unreadable mask (empty file (0 bytes))" in err
+    assert f"{root / 'JPEGImages' / ids[3]}.jpg: unreadable image (not an image format" in err
+
+
+def test_id_with_a_space_is_named_whole(voc, capsys):
+    root, ids = voc["root"], voc["ids"]
+    rename_sample(voc, ids[0], "my photo")
+    lst = voc["tmp"] / "list.txt"
+    lst.write_text("\n".join(["my photo"] + ids[1:]) + "\n")
+    assert shard.read_id_list(str(lst)) == ["my photo"] + ids[1:]
+    s = shard.shard_voc(str(root), str(voc["sal"]), str(voc["tmp"] / "out"), list_file=str(lst),
+                        log=print)
+    assert s["skipped"] == {"bad id": 1}
+    err = capsys.readouterr().err
+    assert "bad id 'my photo'" in err and "my.jpg" not in err
+    sbd = voc["tmp"] / "sbd.txt"
+    sbd.write_text("".join(f"/JPEGImages/{k}.jpg /SegmentationClassAug/{k}.png\n" for k in ids))
+    assert shard.read_id_list(str(sbd)) == ids
+
+
+def test_verify_names_empty_and_foreign_members_plainly(good_out):
+    m = mf.read_manifest(str(good_out))
+    p = good_out / "train-000002.tar"
+    (key, fields), = read_tar(p)
+    fields["sal.png"], fields["jpg"] = b"", b"%PDF-1.4 not an image"
+    with tarfile.open(p, "w") as t:
+        for field, data in fields.items():
+            ti = tarfile.TarInfo(f"{key}.{field}")
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    m["shards"][2]["sha256"] = mf.sha256_file(str(p))
+    mf.write_manifest(str(good_out), m)
+    problems = verify.verify(str(good_out))
+    assert f"train-000002.tar: {key}: jpg does not decode (no image format Pillow knows, 21 bytes)" in problems
+    fields.pop("jpg")
+    assert verify.check_sample(key, {"png": b"", **fields}, m["classes"]) == [
+        f"{key}: png does not decode (empty member (0 bytes))"]
+    assert not any("object at" in x for x in problems)

@@ -52,8 +52,15 @@ class DecodeError(ValueError):
     pass
 
 
+def _require_bytes(data: bytes) -> None:
+    """OpenCV asserts (cv2.error, not a DecodeError) on an empty buffer."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> (H, W, 3) uint8 RGB; raises DecodeError."""
+    _require_bytes(data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | _RAW_PIXELS)
     if img is None:
         raise DecodeError("not a decodable image")
@@ -62,6 +69,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 def decode_gray(data: bytes) -> np.ndarray:
     """PNG bytes -> (H, W) uint8; raises DecodeError."""
+    _require_bytes(data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | _RAW_PIXELS)
     if img is None:
         raise DecodeError("not a decodable image")
@@ -74,6 +82,7 @@ def decode_mask(data: bytes) -> np.ndarray:
     writers' ground truth). OpenCV would turn palette indices into colours, so this uses PIL.
     Raises DecodeError."""
     from PIL import Image
+    _require_bytes(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.mode not in ("P", "L"):
@@ -81,6 +90,9 @@ def decode_mask(data: bytes) -> np.ndarray:
             return np.array(im, dtype=np.uint8)         # a writable copy
     except DecodeError:
         raise
+    except Image.UnidentifiedImageError:        # its message names the BytesIO object
+        raise DecodeError(f"not a decodable mask (no image format Pillow knows, {len(data)} "
+                          f"bytes)") from None
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for bad bytes
         raise DecodeError(f"not a decodable mask ({e})") from None
 

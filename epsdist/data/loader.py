@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from .augment import (IGNORE_INDEX, DecodeError, SegAugment, TrainAugment, decode_gray,
                       decode_mask, decode_rgb, normalize_batch, normalize_images)
 from .manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD, iter_tar_samples,
-                       read_manifest)
+                       read_manifest, shard_digest_problem)
 
 log = logging.getLogger("epsdist.data")
 MAX_LOGGED_SKIPS = 10
@@ -109,14 +109,20 @@ def read_range(shard_dir: str, shards: list[dict], order: list[int], start: int,
         count = shards[idx]["count"]
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
-            yield from _read_shard_part(shard_dir, shards[idx]["name"], lo - offset, hi - offset)
+            yield from _read_shard_part(shard_dir, shards[idx]["name"], lo - offset, hi - offset,
+                                        shards[idx].get("sha256"))
         offset += count
         if offset >= stop:
             break
 
 
-def _read_shard_part(shard_dir: str, name: str, lo: int, hi: int) -> Iterator[dict]:
+def _read_shard_part(shard_dir: str, name: str, lo: int, hi: int,
+                     sha256: str | None = None) -> Iterator[dict]:
     delivered = 0
+    problem = sha256 and shard_digest_problem(os.path.join(shard_dir, name), sha256)
+    if problem:                     # no sample of a shard that is not the manifest's is used
+        yield from ({"__error__": problem, "__key__": None, "__shard__": name} for _ in range(lo, hi))
+        return
     try:
         for index, sample in iter_tar_samples(os.path.join(shard_dir, name),
                                               want=lambda i: lo <= i < hi, stop=hi):
@@ -264,7 +270,8 @@ class _EpochStream(IterableDataset):
         for batch, skips in batch_with_substitutes(decoded, self.batch_size, where, task):
             for reason, shard, key in skips:
                 if logged < MAX_LOGGED_SKIPS:
-                    log.warning("skipping sample %s of %s: %s (%s)", key, shard, reason, where)
+                    log.warning("skipping %s of %s: %s (%s)", f"sample {key}" if key is not None
+                                else "a sample", shard, reason, where)
                     logged += 1
             yield batch, [s[0] for s in skips]
 

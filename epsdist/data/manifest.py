@@ -50,6 +50,26 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_DIGEST_CHECKED: dict = {}      # (path, size, mtime_ns) -> problem or None, per process
+
+
+def shard_digest_problem(path: str, expected: str) -> str | None:
+    """None if the file's sha256 is ``expected``, else the problem naming the file. Hashed once
+    per process for a given (path, size, mtime): a loader worker checks a shard the first time
+    it opens it, before any of its samples are used."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{path}: cannot read ({e.strerror or e})"
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _DIGEST_CHECKED:
+        digest = sha256_file(path)
+        _DIGEST_CHECKED[key] = (None if digest == expected else
+                                f"sha256 mismatch {os.path.basename(path)}: {digest[:12]}... "
+                                f"!= manifest {expected[:12]}... (modified or damaged shard)")
+    return _DIGEST_CHECKED[key]
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))

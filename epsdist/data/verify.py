@@ -37,7 +37,12 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _decode(data: bytes) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
+    if not data:
+        raise ValueError("empty member (0 bytes)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:        # its message names the BytesIO object
+        raise ValueError(f"no image format Pillow knows, {len(data)} bytes") from None
     im.load()
     return im
 
