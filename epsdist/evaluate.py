@@ -15,8 +15,8 @@ Command line::
     python -m epsdist.evaluate --cams out/cams --gt shards/voc_train --thresholds 0.05:0.6:0.05
 
 Inputs
-    ``--gt`` is either a shard directory (``manifest.json`` + ``*.tar``, see
-    :mod:`epsdist.data.manifest`: the ``seg.png`` and, when present, ``ctx.png`` of every
+    ``--gt`` is either a shard directory or the URL of one (``manifest.json`` + ``*.tar``, see
+    :mod:`epsdist.data.manifest` and :mod:`epsdist.data.source`: the ``seg.png`` and, when present, ``ctx.png`` of every
     sample are read with ``tarfile``; a sample without ``seg.png`` is an error) or a folder of
     ``<key>.png`` masks (every ``*.png`` in it; ``--ctx DIR`` adds context masks
     ``DIR/<key>.png``, an image without one simply has none). Every key of the ground truth is
@@ -109,6 +109,7 @@ import numpy as np
 from PIL import Image
 
 from epsdist.data import manifest as mf
+from epsdist.data import source
 
 __all__ = ["EvalError", "UsageError", "IGNORE", "confusion_matrix", "metrics", "confusion_ratio",
            "evaluate", "sweep_thresholds", "iter_ground_truth", "resolve_class_names",
@@ -174,7 +175,11 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def _is_shards(gt: str) -> bool:
-    return os.path.isfile(os.path.join(gt, mf.MANIFEST))
+    return source.is_remote(gt) or os.path.isfile(os.path.join(gt, mf.MANIFEST))
+
+
+def _no_gt(gt: str) -> bool:
+    return not source.is_remote(gt) and not os.path.isdir(gt)
 
 
 def _png_keys(directory: str) -> list[str]:
@@ -185,6 +190,9 @@ def _png_keys(directory: str) -> list[str]:
 def _shard_samples(gt: str) -> Iterator[tuple[str, Optional[bytes], Optional[bytes], str]]:
     """(key, seg.png bytes or None, ctx.png bytes or None, shard name) of every sample."""
     manifest = mf.read_manifest(gt)
+    if source.is_remote(gt):
+        yield from _remote_shard_samples(gt, manifest)
+        return
     for entry, path in zip(manifest["shards"], mf.shard_paths(gt, manifest)):
         name = entry["name"]
         if not os.path.isfile(path):
@@ -215,6 +223,22 @@ def _shard_samples(gt: str) -> Iterator[tuple[str, Optional[bytes], Optional[byt
                             f"{entry['count']}")
 
 
+def _remote_shard_samples(gt: str, manifest: dict):
+    """_shard_samples of a shard directory URL (fetched, retried: epsdist.data.source)."""
+    for entry in manifest["shards"]:
+        name, count = entry["name"], 0
+        try:
+            for _, s in source.iter_shard(gt, entry):
+                count += 1
+                yield s["__key__"], s.get(mf.SEG_FIELD), s.get(mf.CTX_FIELD), name
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise EvalError(f"{source.redact(gt)}: shard {name} unreadable after {count} "
+                            f"samples ({e})") from None
+        if count != entry["count"]:
+            raise EvalError(f"{source.redact(gt)}: shard {name} holds {count} samples, "
+                            f"manifest.json says {entry['count']}")
+
+
 def read_key_list(path: str) -> list[str]:
     """Keys from a VOC/SBD id list: first column, basename stem (``/JPEGImages/x.jpg`` -> x)."""
     keys = []
@@ -231,7 +255,7 @@ def _gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[
     wanted = None if keys is None else set(keys)
     if wanted is not None and not wanted:
         raise UsageError("the key list is empty")
-    if not os.path.isdir(gt):
+    if _no_gt(gt):
         raise UsageError(f"--gt {gt}: no such directory")
     if ctx_dir is not None and not os.path.isdir(ctx_dir):
         raise UsageError(f"--ctx {ctx_dir}: no such directory")
@@ -639,7 +663,7 @@ def _sweep_confs(hist: np.ndarray, C: int, T: int) -> np.ndarray:
 
 
 def _num_classes(gt: str, num_classes: Optional[int]) -> int:
-    if os.path.isdir(gt) and _is_shards(gt):
+    if _is_shards(gt):
         m = mf.read_manifest(gt)
         n = len(m["classes"]) + 1
         if num_classes is not None and num_classes != n:
@@ -667,7 +691,7 @@ def _run(gt: str, num_classes: Optional[int], *, pred_dir: Optional[str] = None,
          workers: Optional[int] = None, keys: Optional[Sequence[str]] = None
          ) -> tuple[Optional[dict], Optional[dict]]:
     """One pass over the ground truth for the predictions and/or the CAMs."""
-    if not os.path.isdir(gt):
+    if _no_gt(gt):
         raise UsageError(f"--gt {gt}: no such directory")
     C = _num_classes(gt, num_classes)
     if class_names is None or isinstance(class_names, str):
@@ -976,7 +1000,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.workers is not None and a.workers < 1:
         p.error("--workers must be >= 1")
     try:
-        if not os.path.isdir(a.gt):
+        if _no_gt(a.gt):
             raise UsageError(f"--gt {a.gt}: no such directory")
         C = _num_classes(a.gt, a.num_classes)
         names = resolve_class_names(a.class_names, a.gt, C)

@@ -40,8 +40,9 @@ from epsdist import dist as D
 from epsdist.config import ModelConfig, add_config_args, config_from_args, dump_yaml, from_dict
 from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
-                                   atomic_write_bytes, iter_tar_samples, read_manifest,
-                                   sha256_file, shard_paths, voc_palette, write_manifest)
+                                   atomic_write_bytes, read_manifest, sha256_file, voc_palette,
+                                   write_manifest)
+from epsdist.data.source import fetch_options, is_remote, iter_shard, redact
 from epsdist.models import build_model
 
 PALETTE = voc_palette()
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--checkpoint", required=True, help="RUN/export/model.pt of epsdist/train.py")
-    ap.add_argument("--shards", required=True, help="shard directory to make pseudo-masks for")
+    ap.add_argument("--shards", required=True, help="shard directory (or its URL) to make pseudo-masks for")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--cams", action="store_true", help="also save the normalised CAMs (.npz)")
     ap.add_argument("--panels", type=int, default=0, metavar="N",
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     export = load_export(args.checkpoint)
-    manifest = read_manifest(args.shards)
+    fetch = fetch_options(cfg.data)
+    manifest = read_manifest(args.shards, fetch)
     if list(manifest["classes"]) != list(export["classes"]):
         raise ValueError(f"--shards {args.shards} has classes {manifest['classes']}, the model "
                          f"was trained on {export['classes']}")
@@ -161,10 +163,10 @@ def main(argv=None) -> int:
                         mininterval=1 if sys.stderr.isatty() else 30)
     counts = {"written": 0, "existing": 0, "skipped": 0}
     offset = 0
-    for path, entry in zip(shard_paths(args.shards, manifest), manifest["shards"]):
+    for entry in manifest["shards"]:
         start = offset
         mine = lambda i, start=start: (start + i) % info.world_size == info.rank  # noqa: E731
-        for index, sample in iter_tar_samples(path, want=mine):
+        for index, sample in iter_shard(args.shards, entry, want=mine, fetch=fetch):
             if sample is None:
                 continue
             key = sample["__key__"]
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
               f"(unreadable) -> {dirs['masks']}", flush=True)
         if not args.no_shards:
             write_pseudo_shards(args.shards, manifest, dirs["masks"],
-                                os.path.join(args.out, "shards"), args.checkpoint)
+                                os.path.join(args.out, "shards"), args.checkpoint, fetch)
         if SEG_FIELD in manifest.get("fields", [SEG_FIELD]):
             report(args, dirs["masks"], C + 1, allow_missing=skipped > 0)
     D.barrier()
@@ -231,19 +233,21 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
     return True
 
 
-def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, checkpoint: str):
-    """The input shards with ``seg.png`` replaced by the pseudo-mask, shard for shard."""
+def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, checkpoint: str,
+                        fetch=None):
+    """The input shards (a directory or URL) with ``seg.png`` replaced by the pseudo-mask,
+    shard for shard."""
     import tarfile
     from epsdist.data.shard import add_sample
 
     os.makedirs(out, exist_ok=True)
     shards, missing = [], 0
-    for path, entry in zip(shard_paths(src, manifest), manifest["shards"]):
+    for entry in manifest["shards"]:
         name = entry["name"]
         tmp = os.path.join(out, f".{name}.partial")
         count = 0
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _, sample in iter_tar_samples(path):
+            for _, sample in iter_shard(src, entry, fetch=fetch):
                 mask_path = os.path.join(masks_dir, f"{sample['__key__']}.png")
                 if not os.path.exists(mask_path):
                     missing += 1
@@ -260,7 +264,8 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
             os.unlink(tmp)
     write_manifest(out, {**manifest, "source": f"pseudo-masks of {manifest.get('source')}",
                          "num_samples": sum(s["count"] for s in shards), "shards": shards,
-                         "pseudo_masks": {"from_shards": os.path.abspath(src),
+                         "pseudo_masks": {"from_shards": redact(src) if is_remote(src)
+                                          else os.path.abspath(src),
                                           "checkpoint": os.path.abspath(checkpoint),
                                           "missing": missing}})
     print(f"pseudo-mask shards: {sum(s['count'] for s in shards)} samples in {len(shards)} "
