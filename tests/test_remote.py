@@ -303,3 +303,54 @@ def test_s3_form_against_a_local_s3_server(shards, tmp_path, monkeypatch):
             read_manifest("s3://data/sets/none", fetch)
     finally:
         srv.stop()
+
+
+# --------------------------------------------------------------------------- two ranks
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """Shards made by the writer (python -m epsdist.data.shard) from the synthetic set."""
+    from epsdist.data import shard, synthetic
+    root = tmp_path_factory.mktemp("remote_train")
+    synthetic.generate(str(root / "data"), 160, 0, seed=0, size=96, workers=1, progress=False)
+    summary = shard.shard_voc(str(root / "data"), str(root / "data" / "saliency"),
+                              str(root / "shards"), split="train", shard_size=40,
+                              log=lambda *a: None)
+    assert summary["exit_code"] == 0
+    return root
+
+
+@pytest.mark.slow
+def test_two_ranks_from_a_url_train_and_resume_exactly_as_from_the_directory(written):
+    """deepspeed, two ranks: from the directory for 2k iterations; from the URL stopped after
+    k (mid-epoch) and resumed: the same loss at every iteration."""
+    from test_train import COMMON, deepspeed_train, metrics
+    k = 4
+    common = (*COMMON, f"run.save_every={k}", f"train.max_iters={2 * k}")
+    full = deepspeed_train(written, *common, "run.dir=runs/dir")
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    with ShardServer(written / "shards") as srv:
+        remote = (*common, f"data.train_shards={srv.url()}", "run.dir=runs/url")
+        crashed = deepspeed_train(written, *remote, extra=("--stop-after", str(k)))
+        assert crashed.returncode != 0
+        resumed = deepspeed_train(written, *remote)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"at iteration {k}" in resumed.stdout
+        assert shard_requests(srv) and set(shard_requests(srv)) == \
+            {e["name"] for e in read_manifest(str(written / "shards"))["shards"]}
+    a, b = metrics(written / "runs/dir"), metrics(written / "runs/url")
+    assert sorted(a) == sorted(b) == list(range(1, 2 * k + 1))
+    for it in a:
+        assert a[it] == pytest.approx(b[it], rel=1e-5, abs=1e-7), it
+
+
+def test_bench_url_reports_the_ratio_to_disk_and_the_bytes_fetched(tmp_path):
+    import json
+    from epsdist.data import bench
+    out = tmp_path / "bench.json"
+    assert bench.main(["--url", "--num", "8", "--shard-size", "3", "--workers", "0",
+                       "--crop", "64", "--resize", "64", "96", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["what"] == "url w0" and row["samples_per_s"] > 0 and row["disk_samples_per_s"] > 0
+    assert row["ratio_to_disk"] == pytest.approx(row["samples_per_s"] / row["disk_samples_per_s"])
+    assert row["fetched_over_shard_bytes"] == pytest.approx(1.0)   # one slot reads every byte

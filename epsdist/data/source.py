@@ -140,7 +140,8 @@ def _command_url(url: str, fetch: FetchOptions) -> str:
     if url.startswith("pipe:"):
         return url
     if template is not None:
-        return "pipe:" + template.replace("{url}", shlex.quote(url))
+        # exec: the shell becomes the command, so stopping a read early stops the command
+        return "pipe:exec " + template.replace("{url}", shlex.quote(url))
     if scheme in gopen_schemes:
         return url
     raise ManifestError(f"{redact(url)}: unsupported scheme {scheme!r} (expected a directory, "
