@@ -16,8 +16,9 @@ Command line::
 
 Inputs
     ``--gt`` is either a shard directory or the URL of one (``manifest.json`` + ``*.tar``, see
-    :mod:`epsdist.data.manifest` and :mod:`epsdist.data.source`: the ``seg.png`` and, when present, ``ctx.png`` of every
-    sample are read with ``tarfile``; a sample without ``seg.png`` is an error) or a folder of
+    :mod:`epsdist.data.manifest` and :mod:`epsdist.data.source`: the ``seg.png`` and, when
+    present, ``ctx.png`` of every sample are read with ``tarfile``; a sample without
+    ``seg.png`` is an error) or a folder of
     ``<key>.png`` masks (every ``*.png`` in it; ``--ctx DIR`` adds context masks
     ``DIR/<key>.png``, an image without one simply has none). Every key of the ground truth is
     evaluated, or only those of ``--list FILE`` (an id list like VOC's ``val.txt``: first
@@ -966,7 +967,7 @@ def _parser() -> argparse.ArgumentParser:
                     "threshold sweep against ground-truth masks (shards or a PNG folder).",
         epilog="Exit codes: 0 done, 1 evaluation error (names the key), 2 usage error.")
     p.add_argument("--gt", required=True,
-                   help="shard directory (manifest.json) or folder of <key>.png masks")
+                   help="shard directory (manifest.json) or its URL, or folder of <key>.png masks")
     p.add_argument("--pred", help="folder of <key>.png predicted masks (255 = no prediction)")
     p.add_argument("--cams", help="folder of <key>.npz (cams (L,H,W), classes (L,)) to sweep")
     p.add_argument("--thresholds", help=f"background thresholds for --cams: comma list or "

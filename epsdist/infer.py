@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--checkpoint", required=True, help="RUN/export/model.pt of epsdist/train.py")
-    ap.add_argument("--shards", required=True, help="shard directory (or its URL) to make pseudo-masks for")
+    ap.add_argument("--shards", required=True,
+                    help="shard directory (or its URL) to make pseudo-masks for")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--cams", action="store_true", help="also save the normalised CAMs (.npz)")
     ap.add_argument("--panels", type=int, default=0, metavar="N",

@@ -165,6 +165,20 @@ def test_redact_hides_credentials():
     assert redact("/local/dir") == "/local/dir"
 
 
+@pytest.mark.parametrize("override,key", [
+    ("data.fetch_retries=-1", "data.fetch_retries"), ("data.fetch_backoff_s=-0.5",
+                                                      "data.fetch_backoff_s"),
+    ("data.http_command=curl -s", "data.http_command"), ("data.s3_command=aws s3 cp",
+                                                         "data.s3_command"),
+])
+def test_fetch_config_keys_are_checked(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+    from epsdist.config import SegConfig
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override], cls=SegConfig)
+
+
 # --------------------------------------------------------------------------- streaming
 
 def test_url_gives_the_same_batches_as_the_directory_on_every_rank_and_resumes_exactly(
@@ -354,3 +368,31 @@ def test_bench_url_reports_the_ratio_to_disk_and_the_bytes_fetched(tmp_path):
     assert row["what"] == "url w0" and row["samples_per_s"] > 0 and row["disk_samples_per_s"] > 0
     assert row["ratio_to_disk"] == pytest.approx(row["samples_per_s"] / row["disk_samples_per_s"])
     assert row["fetched_over_shard_bytes"] == pytest.approx(1.0)   # one slot reads every byte
+
+
+def test_evaluate_gt_from_a_url_equals_the_directory(written, tmp_path):
+    """python -m epsdist.evaluate --gt URL: the same report as --gt DIR (predictions: the
+    ground truth with every fifth mask shifted, so the numbers are not trivial)."""
+    import json
+    import numpy as np
+    from PIL import Image
+    from epsdist import evaluate
+    local = str(written / "shards")
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    m = read_manifest(local)
+    for i, (_, s) in enumerate(iter_rank_samples(local, m)):
+        mask = np.asarray(Image.open(__import__("io").BytesIO(s["seg.png"])))
+        Image.fromarray(np.roll(mask, 5, axis=1) if i % 5 == 0 else mask).save(
+            pred / f"{s['__key__']}.png")
+    with ShardServer(written / "shards") as srv:
+        assert evaluate.main(["--pred", str(pred), "--gt", srv.url(), "--json",
+                              str(tmp_path / "url.json")]) == 0
+        assert srv.requests["manifest.json"] >= 1
+    assert evaluate.main(["--pred", str(pred), "--gt", local, "--json",
+                          str(tmp_path / "dir.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("url", "dir"))
+    assert a.pop("gt") == a["evaluation"].pop("gt") == srv.url()
+    assert b.pop("gt") == b["evaluation"].pop("gt") == local
+    assert a == b and a["evaluation"]["gt_images"] == 160
+    assert 0.5 < a["evaluation"]["mean_iou"] < 1.0

@@ -93,8 +93,9 @@ def is_remote(location: str) -> bool:
 def join_shard(location: str, name: str) -> str:
     """The path or URL of file ``name`` (a shard or ``manifest.json``) of shard directory
     ``location``: the one place where a manifest name becomes something to open. The name is
-    checked (:func:`epsdist.data.manifest.check_shard_name`); a URL keeps the location's scheme and host; the name is
-    percent-encoded in a URL and shell-quoted in a ``pipe:`` command (at its ``{name}``)."""
+    checked (:func:`epsdist.data.manifest.check_shard_name`); a URL keeps the location's scheme
+    and host; the name is percent-encoded in a URL and shell-quoted in a ``pipe:`` command (at
+    its ``{name}``)."""
     check_shard_name(name)
     if location.startswith("pipe:"):
         if "{name}" not in location:
@@ -110,7 +111,7 @@ def join_shard(location: str, name: str) -> str:
     path = base.path.rstrip("/") + "/" + quote(name, safe="/")
     url = urlunsplit((base.scheme, base.netloc, path, "", ""))
     joined = urlsplit(url)
-    if (joined.scheme, joined.netloc) != (base.scheme, base.netloc):    # cannot happen; kept
+    if (joined.scheme, joined.netloc) != (base.scheme, base.netloc):    # defence in depth
         raise ManifestError(f"shard name {name!r} would leave {redact(location)}")
     return url
 
@@ -142,7 +143,7 @@ def _command_url(url: str, fetch: FetchOptions) -> str:
     if template is not None:
         # exec: the shell becomes the command, so stopping a read early stops the command
         return "pipe:exec " + template.replace("{url}", shlex.quote(url))
-    if scheme in gopen_schemes:
+    if scheme in gopen_schemes or scheme == "file":
         return url
     raise ManifestError(f"{redact(url)}: unsupported scheme {scheme!r} (expected a directory, "
                         f"http(s)://, s3://, gs://, pipe:, or a scheme webdataset opens)")
@@ -161,7 +162,8 @@ def describe_error(e: BaseException) -> str:
         return f"fetch command exit status {status}" + (f" ({meaning})" if meaning else "")
     if isinstance(e, tarfile.TarError) or isinstance(e, EOFError):
         return f"broken tar stream: {type(e).__name__}: {text}"
-    return f"{type(e).__name__}"
+    strerror = getattr(e, "strerror", None)             # never the file name or command
+    return f"{type(e).__name__}" + (f": {strerror}" if strerror else "")
 
 
 @contextlib.contextmanager
