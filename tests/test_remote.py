@@ -362,7 +362,7 @@ def test_bench_url_reports_the_ratio_to_disk_and_the_bytes_fetched(tmp_path):
     import json
     from epsdist.data import bench
     out = tmp_path / "bench.json"
-    assert bench.main(["--url", "--num", "8", "--shard-size", "3", "--workers", "0",
+    assert bench.main(["--url", "--num", "8", "--shard-size", "3", "--workers", "0", "--reps", "1",
                        "--crop", "64", "--resize", "64", "96", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["what"] == "url w0" and row["samples_per_s"] > 0 and row["disk_samples_per_s"] > 0

@@ -1,7 +1,7 @@
 """Decode + augment throughput of the training loader on VOC-sized JPEGs.
 
     python -m epsdist.data.bench [--num 200] [--crop 448] [--resize 256 512] [--workers 0,1,2]
-                                 [--url] [--shard-size 50] [--json FILE]
+                                 [--url [--reps 3]] [--shard-size 50] [--json FILE]
 
 Writes ``--num`` photo-like 500x375 JPEGs (~quality 90, like VOC's) with saliency PNGs into
 temporary shards, then measures
@@ -123,9 +123,10 @@ def serve_loopback(directory: str) -> http.server.ThreadingHTTPServer:
     return server
 
 
-def url_rows(directory: str, augment: TrainAugment, workers: list[int]) -> list[dict]:
-    """Disk and loopback-URL loader rates, measured alternately, and the bytes fetched per
-    epoch over the shard bytes."""
+def url_rows(directory: str, augment: TrainAugment, workers: list[int],
+             reps: int = 1) -> list[dict]:
+    """Disk and loopback-URL loader rates, measured alternately ``reps`` times (medians), and
+    the bytes fetched per epoch over the shard bytes."""
     shard_bytes = sum(os.path.getsize(os.path.join(directory, e["name"]))
                       for e in read_manifest(directory)["shards"])
     server = serve_loopback(directory)
@@ -133,10 +134,13 @@ def url_rows(directory: str, augment: TrainAugment, workers: list[int]) -> list[
     rows = []
     try:
         for w in workers:
-            disk = loader_rate(directory, augment, w)
-            server.sent = 0
-            remote = loader_rate(url, augment, w)
-            fetched = server.sent / 2 / shard_bytes          # two epochs: warm-up + timed
+            disks, remotes = [], []
+            for _ in range(reps):
+                disks.append(loader_rate(directory, augment, w))
+                server.sent = 0
+                remotes.append(loader_rate(url, augment, w))
+                fetched = server.sent / 2 / shard_bytes      # two epochs: warm-up + timed
+            disk, remote = statistics.median(disks), statistics.median(remotes)
             rows.append({"what": f"url w{w}", "samples_per_s": remote,
                          "disk_samples_per_s": disk, "ratio_to_disk": remote / disk,
                          "fetched_over_shard_bytes": fetched})
@@ -157,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
     ap.add_argument("--url", action="store_true",
                     help="also stream the shards from a loopback HTTP server (ratio to disk)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="--url: disk/url measurements alternated this often (medians)")
     ap.add_argument("--shard-size", type=int, default=0,
                     help="samples per shard (default: one shard; --url: 50)")
     ap.add_argument("--json", help="write the results to this file")
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
         if args.url:
             print(f"  {shard_size} samples per shard, from disk and from http://127.0.0.1")
             results["shard_size"] = shard_size
-            results["rows"] += url_rows(tmp, augment, workers)
+            results["rows"] += url_rows(tmp, augment, workers, args.reps)
             workers = []
         else:
             rate = per_core_rate(tmp, augment)
