@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import shlex
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -185,6 +186,19 @@ def open_remote(url: str, fetch: FetchOptions):
             stream.close()
 
 
+def _command_failure(stream) -> str | None:
+    """Why the fetch command behind ``stream`` failed, if it did: a stream can reach its end
+    before its command's exit status is known, which says more than the broken tar."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+    return describe_error(OSError(f"x: exit {status} (read)")) if status else None
+
+
 def _backoff(fetch: FetchOptions, attempt: int, what: str, problem: str) -> None:
     delay = fetch.backoff_s * 2 ** attempt
     log.warning("%s: %s; retry %d of %d in %.1f s", what, problem, attempt + 1, fetch.retries,
@@ -249,15 +263,21 @@ def iter_shard(location: str, entry: dict, want: Callable[[int], bool] = lambda 
     for attempt in range(fetch.retries + 1):
         try:
             with open_remote(target, fetch) as stream:
-                for index, sample in iter_tar_samples(
-                        target, want=lambda i: i >= done and want(i), stop=stop, fileobj=stream):
-                    if index >= done:
-                        done = index + 1
-                        yield index, sample
-            if done >= stop:
-                return
-            problem = f"stream ended after {done} of {stop} samples"
-        except (OSError, tarfile.TarError, EOFError) as e:
+                try:
+                    for index, sample in iter_tar_samples(
+                            target, want=lambda i: i >= done and want(i), stop=stop,
+                            fileobj=stream):
+                        if index >= done:
+                            done = index + 1
+                            yield index, sample
+                except (tarfile.TarError, EOFError) as e:
+                    problem = _command_failure(stream) or describe_error(e)
+                else:
+                    if done >= stop:
+                        return
+                    problem = (_command_failure(stream)
+                               or f"stream ended after {done} of {stop} samples")
+        except OSError as e:
             problem = describe_error(e)
         if attempt < fetch.retries:
             _backoff(fetch, attempt, f"shard {entry['name']} ({redact(target)})", problem)
