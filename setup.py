@@ -31,5 +31,6 @@ setup(
         "pycocotools",
         "opencv-python-headless",
     ],
-    extras_require={"dev": ["pytest"]},
+    # moto's S3 server and the aws client: tests/test_remote.py reads s3:// shards on loopback
+    extras_require={"dev": ["pytest", "moto[server]", "awscli"]},
 )

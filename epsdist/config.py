@@ -49,6 +49,12 @@ class RunConfig:
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (dead rank) fails
 
 
+# how data.http_command reads an http(s) URL (the curl flags webdataset's own opener uses, with
+# the retries left to epsdist.data.source; ~/.netrc for credentials; stalls > 60 s fail)
+DEFAULT_HTTP_COMMAND = ("curl --fail --silent --show-error --location --netrc-optional "
+                        "--connect-timeout 30 --speed-limit 1 --speed-time 60 {url}")
+
+
 @dataclass
 class DataConfig:
     """Shards to read and the augmentation that turns them into batches."""
@@ -60,6 +66,12 @@ class DataConfig:
     resize_long: tuple[int, int] = (256, 512)  # random long-side resize range, inclusive
     num_workers: int = 2
     shuffle_buffer: int = 256  # raw samples shuffled per loader worker
+    cache_dir: str = ""  # remote shards (URLs) are fetched once per node into this dir; "" = stream
+    fetch_retries: int = 3  # a failed fetch of a remote shard or manifest is retried this often
+    fetch_backoff_s: float = 1.0  # wait before retry k (0, 1, ...) is fetch_backoff_s * 2**k
+    http_command: str = DEFAULT_HTTP_COMMAND  # prints {url} (http/https) to stdout
+    s3_command: str = "aws s3 cp {url} -"  # prints {url} (s3://) to stdout; or "mc cat ..."
+    gs_command: str = "gsutil cat {url}"  # prints {url} (gs://) to stdout
 
 
 @dataclass
@@ -170,6 +182,11 @@ def _validate_common(need, cfg) -> None:
     need(d.crop_size >= 8, "data.crop_size", ">= 8", d.crop_size)
     need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
     need(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1", d.shuffle_buffer)
+    need(d.fetch_retries >= 0, "data.fetch_retries", ">= 0", d.fetch_retries)
+    need(d.fetch_backoff_s >= 0, "data.fetch_backoff_s", ">= 0", d.fetch_backoff_s)
+    for key in ("http_command", "s3_command", "gs_command"):
+        need("{url}" in getattr(d, key), f"data.{key}", "a command with {url} in it",
+             getattr(d, key))
     need(r.log_every >= 1, "run.log_every", ">= 1", r.log_every)
     need(r.save_every >= 1, "run.save_every", ">= 1", r.save_every)
     need(r.keep_last >= 1, "run.keep_last", ">= 1", r.keep_last)
@@ -190,6 +207,12 @@ class SegDataConfig:
     scale_range: tuple[float, float] = (0.5, 1.5)  # random rescale factor, uniform in [lo, hi]
     num_workers: int = 2
     shuffle_buffer: int = 256  # raw samples shuffled per loader worker
+    cache_dir: str = ""  # remote shards (URLs) are fetched once per node into this dir; "" = stream
+    fetch_retries: int = 3  # a failed fetch of a remote shard or manifest is retried this often
+    fetch_backoff_s: float = 1.0  # wait before retry k (0, 1, ...) is fetch_backoff_s * 2**k
+    http_command: str = DEFAULT_HTTP_COMMAND  # prints {url} (http/https) to stdout
+    s3_command: str = "aws s3 cp {url} -"  # prints {url} (s3://) to stdout; or "mc cat ..."
+    gs_command: str = "gsutil cat {url}"  # prints {url} (gs://) to stdout
 
 
 @dataclass

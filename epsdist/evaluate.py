@@ -34,8 +34,9 @@ import sys
 from typing import Optional, Sequence
 
 from epsdist.data import manifest as mf
-from epsdist.groundtruth import (CTX_IDS, EvalError, UsageError, auto_contexts, read_contexts,
-                                 read_key_list, resolve_class_names, resolve_num_classes)
+from epsdist.groundtruth import (CTX_IDS, EvalError, UsageError, auto_contexts, no_gt,
+                                 read_contexts, read_key_list, resolve_class_names,
+                                 resolve_num_classes)
 from epsdist.report import format_report, format_sweep, write_json
 from epsdist.scoring import run
 
@@ -95,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                     "threshold sweep against ground-truth masks (shards or a PNG folder).",
         epilog="Exit codes: 0 done, 1 evaluation error (names the key), 2 usage error.")
     p.add_argument("--gt", required=True,
-                   help="shard directory (manifest.json) or folder of <key>.png masks")
+                   help="shard directory (manifest.json) or its URL, or folder of <key>.png masks")
     p.add_argument("--pred", help="folder of <key>.png predicted masks (255 = no prediction)")
     p.add_argument("--cams", help="folder of <key>.npz (cams (L,H,W), classes (L,)) to sweep")
     p.add_argument("--thresholds", help=f"background thresholds for --cams: comma list or "
@@ -129,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.workers is not None and a.workers < 1:
         p.error("--workers must be >= 1")
     try:
-        if not os.path.isdir(a.gt):
+        if no_gt(a.gt):
             raise UsageError(f"--gt {a.gt}: no such directory")
         C = resolve_num_classes(a.gt, a.num_classes)
         names = resolve_class_names(a.class_names, a.gt, C)

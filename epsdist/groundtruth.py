@@ -3,7 +3,7 @@ of every sample, read with ``tarfile``) or a folder of PNGs, key lists, class an
 and the errors every part of the evaluation raises.
 
 Inputs
-    ``--gt`` is either a shard directory (``manifest.json`` + ``*.tar``, see
+    ``--gt`` is either a shard directory or its URL (``manifest.json`` + ``*.tar``, see
     :mod:`epsdist.data.manifest`: the ``seg.png`` and, when present, ``ctx.png`` of every
     sample are read with ``tarfile``; a sample without ``seg.png`` is an error) or a folder of
     ``<key>.png`` masks (every ``*.png`` in it; ``--ctx DIR`` adds context masks
@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from epsdist.data import manifest as mf
+from epsdist.data import source
 from epsdist.metrics import IGNORE
 
 CTX_IDS = 256                    # context ids are uint8 values
@@ -80,7 +81,12 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def is_shards(gt: str) -> bool:
-    return os.path.isfile(os.path.join(gt, mf.MANIFEST))
+    return source.is_remote(gt) or os.path.isfile(os.path.join(gt, mf.MANIFEST))
+
+
+def no_gt(gt: str) -> bool:
+    """True when ``gt`` is neither a URL nor an existing directory."""
+    return not source.is_remote(gt) and not os.path.isdir(gt)
 
 
 def _png_keys(directory: str) -> list[str]:
@@ -91,6 +97,9 @@ def _png_keys(directory: str) -> list[str]:
 def _shard_samples(gt: str) -> Iterator[tuple[str, Optional[bytes], Optional[bytes], str]]:
     """(key, seg.png bytes or None, ctx.png bytes or None, shard name) of every sample."""
     manifest = mf.read_manifest(gt)
+    if source.is_remote(gt):
+        yield from _remote_shard_samples(gt, manifest)
+        return
     for entry, path in zip(manifest["shards"], mf.shard_paths(gt, manifest)):
         name = entry["name"]
         if not os.path.isfile(path):
@@ -121,6 +130,22 @@ def _shard_samples(gt: str) -> Iterator[tuple[str, Optional[bytes], Optional[byt
                             f"{entry['count']}")
 
 
+def _remote_shard_samples(gt: str, manifest: dict):
+    """_shard_samples of a shard directory URL (fetched, retried: epsdist.data.source)."""
+    for entry in manifest["shards"]:
+        name, count = entry["name"], 0
+        try:
+            for _, s in source.iter_shard(gt, entry):
+                count += 1
+                yield s["__key__"], s.get(mf.SEG_FIELD), s.get(mf.CTX_FIELD), name
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise EvalError(f"{source.redact(gt)}: shard {name} unreadable after {count} "
+                            f"samples ({e})") from None
+        if count != entry["count"]:
+            raise EvalError(f"{source.redact(gt)}: shard {name} holds {count} samples, "
+                            f"manifest.json says {entry['count']}")
+
+
 def read_key_list(path: str) -> list[str]:
     """Keys from a VOC/SBD id list: first column, basename stem (``/JPEGImages/x.jpg`` -> x)."""
     keys = []
@@ -137,7 +162,7 @@ def gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[s
     wanted = None if keys is None else set(keys)
     if wanted is not None and not wanted:
         raise UsageError("the key list is empty")
-    if not os.path.isdir(gt):
+    if no_gt(gt):
         raise UsageError(f"--gt {gt}: no such directory")
     if ctx_dir is not None and not os.path.isdir(ctx_dir):
         raise UsageError(f"--ctx {ctx_dir}: no such directory")
@@ -203,7 +228,7 @@ def _read_lines(path: str) -> list[str]:
 
 
 def resolve_num_classes(gt: str, num_classes: Optional[int]) -> int:
-    if os.path.isdir(gt) and is_shards(gt):
+    if is_shards(gt):
         m = mf.read_manifest(gt)
         n = len(m["classes"]) + 1
         if num_classes is not None and num_classes != n:

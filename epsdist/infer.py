@@ -50,9 +50,10 @@ from epsdist.config import (ModelConfig, add_config_args, config_from_args, dump
                             to_dict)
 from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
-                                   atomic_write_bytes, iter_tar_samples, read_manifest,
-                                   sha256_file, shard_paths, write_manifest)
+                                   atomic_write_bytes, read_manifest, sha256_file,
+                                   write_manifest)
 from epsdist.data.masks import PALETTE, encode_mask
+from epsdist.data.source import fetch_options, is_remote, iter_shard, redact
 from epsdist.infer_guard import (StaleOutput, check_resumable, clear_previous, inference_state,
                                  model_config_notice, working_size, write_state)
 from epsdist.models import build_model
@@ -61,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
     add_config_args(ap)
     ap.add_argument("--checkpoint", required=True, help="RUN/export/model.pt of epsdist/train.py")
-    ap.add_argument("--shards", required=True, help="shard directory to make pseudo-masks for")
+    ap.add_argument("--shards", required=True,
+                    help="shard directory (or its URL) to make pseudo-masks for")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--cams", action="store_true", help="also save the normalised CAMs (.npz)")
     ap.add_argument("--panels", type=int, default=0, metavar="N",
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     export = load_export(args.checkpoint)
-    manifest = read_manifest(args.shards)
+    fetch = fetch_options(cfg.data)
+    manifest = read_manifest(args.shards, fetch)
     if list(manifest["classes"]) != list(export["classes"]):
         raise ValueError(f"--shards {args.shards} has classes {manifest['classes']}, the model "
                          f"was trained on {export['classes']}")
@@ -189,10 +192,10 @@ def main(argv=None) -> int:
                         mininterval=1 if sys.stderr.isatty() else 30)
     counts = {"written": 0, "existing": 0, "skipped": 0}
     offset = 0
-    for path, entry in zip(shard_paths(args.shards, manifest), manifest["shards"]):
+    for entry in manifest["shards"]:
         start = offset
         mine = lambda i, start=start: (start + i) % info.world_size == info.rank  # noqa: E731
-        for index, sample in iter_tar_samples(path, want=mine):
+        for index, sample in iter_shard(args.shards, entry, want=mine, fetch=fetch):
             if sample is None:
                 continue
             key = sample["__key__"]
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
         if not args.no_shards:
             write_pseudo_shards(args.shards, manifest, dirs["masks"],
                                 os.path.join(args.out, "shards"), args.checkpoint,
-                                state["checkpoint_sha256"])
+                                state["checkpoint_sha256"], fetch)
         if SEG_FIELD in manifest.get("fields", [SEG_FIELD]):
             report(args, dirs["masks"], C + 1, allow_missing=skipped > 0)
     D.barrier()
@@ -307,8 +310,8 @@ def cams_at(norm: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, checkpoint: str,
-                        checkpoint_sha256: str | None = None):
-    """The input shards with ``seg.png`` replaced by the pseudo-mask, shard for shard. Every
+                        checkpoint_sha256: str | None = None, fetch=None):
+    """The input shards (a directory or URL) with ``seg.png`` replaced by the pseudo-mask, shard for shard. Every
     shard is written as ``.<name>.partial`` first; only when all are complete is the old
     manifest removed, the shards renamed into place and the new manifest written, and then
     the old shards the new manifest does not list are removed."""
@@ -324,13 +327,13 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
             pass
     shards, missing, partials = [], 0, []
     try:
-        for path, entry in zip(shard_paths(src, manifest), manifest["shards"]):
+        for entry in manifest["shards"]:
             name = entry["name"]
             tmp = os.path.join(out, f".{name}.partial")
             partials.append(tmp)
             count = 0
             with tarfile.open(tmp, "w", format=TAR_FORMAT) as tar:
-                for _, sample in iter_tar_samples(path):
+                for _, sample in iter_shard(src, entry, fetch=fetch):
                     mask_path = os.path.join(masks_dir, f"{sample['__key__']}.png")
                     if not os.path.exists(mask_path):
                         missing += 1
@@ -357,7 +360,8 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
             os.unlink(tmp)
     write_manifest(out, {**manifest, "source": f"pseudo-masks of {manifest.get('source')}",
                          "num_samples": sum(s["count"] for s in shards), "shards": shards,
-                         "pseudo_masks": {"from_shards": os.path.abspath(src),
+                         "pseudo_masks": {"from_shards": redact(src) if is_remote(src)
+                                          else os.path.abspath(src),
                                           "checkpoint": os.path.abspath(checkpoint),
                                           "checkpoint_sha256": checkpoint_sha256,
                                           "missing": missing}})

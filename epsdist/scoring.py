@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from epsdist.groundtruth import (CTX_IDS, EvalError, UsageError, auto_contexts, gt_sources,
+from epsdist.groundtruth import (CTX_IDS, EvalError, UsageError, auto_contexts, gt_sources, no_gt,
                                  read_contexts, read_mask, resolve_class_names,
                                  resolve_num_classes)
 from epsdist.metrics import IGNORE, bad_from_counts, bad_values, metrics, nanmean
@@ -207,7 +207,7 @@ def run(gt: str, num_classes: Optional[int], *, pred_dir: Optional[str] = None,
          workers: Optional[int] = None, keys: Optional[Sequence[str]] = None
          ) -> tuple[Optional[dict], Optional[dict]]:
     """One pass over the ground truth for the predictions and/or the CAMs."""
-    if not os.path.isdir(gt):
+    if no_gt(gt):
         raise UsageError(f"--gt {gt}: no such directory")
     C = resolve_num_classes(gt, num_classes)
     if class_names is None or isinstance(class_names, str):

@@ -23,6 +23,7 @@ from .config import ConfigError, EPSConfig
 from .data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
 from .data.loader import ShardLoader
 from .data.manifest import ManifestError, read_manifest
+from .data.source import fetch_options
 from .loss import classification_loss, eps_loss
 from .runloop import precision, reduce_losses
 
@@ -35,7 +36,7 @@ def check_config(cfg: EPSConfig) -> dict:
         raise ConfigError("config key 'data.train_shards' is empty: give the shard directory "
                           "written by `python -m epsdist.data.shard`")
     try:
-        manifest = read_manifest(cfg.data.train_shards)
+        manifest = read_manifest(cfg.data.train_shards, fetch_options(cfg.data))
     except ManifestError as e:
         raise ConfigError(f"config key 'data.train_shards': {e}") from None
     if len(manifest["classes"]) != cfg.data.num_classes:
@@ -55,7 +56,7 @@ def build_loader(cfg: EPSConfig, info: D.DistInfo) -> ShardLoader:
     return ShardLoader(cfg.data.train_shards, batch_size=cfg.train.batch_size, rank=info.rank,
                        world_size=info.world_size, num_workers=cfg.data.num_workers,
                        seed=cfg.seed, augment=augment, shuffle_buffer=cfg.data.shuffle_buffer,
-                       device=info.device)
+                       device=info.device, fetch=fetch_options(cfg.data))
 
 
 def deepspeed_config(cfg: EPSConfig, info: D.DistInfo) -> dict:

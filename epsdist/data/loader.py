@@ -9,7 +9,9 @@ n DataLoader workers per rank):
    ``[r B b, (r+1) B b)`` of the global order. The remainder (< W b samples) is dropped, and
    since the shard order changes every epoch, different samples are dropped each epoch.
    Splitting at sample level (not whole shards) keeps ranks equal whatever the shard counts;
-   a slot seeks over the tar headers of samples outside its range without reading their data.
+   a slot seeks over the tar headers of samples outside its range without reading their data
+   (a remote shard, epsdist.data.source, is streamed from its start: the samples before the
+   range are read and dropped, the fetch stops after the range).
 3. Workers. Rank batch j is made by logical worker ``j mod n``, which reads a contiguous
    sub-range of the rank's range, shuffles the raw samples with a seeded buffer
    (``webdataset.shuffle``), decodes, augments and batches them. The DataLoader serves
@@ -21,7 +23,8 @@ n DataLoader workers per rank):
    first k) before decoding, and DataLoader worker i plays logical worker ``(i + k) mod n`` so
    the round-robin continues where it stopped: the next batches equal an uninterrupted run.
 6. Bad samples never change the counts (an uneven count would hang DDP): a corrupt image, a
-   missing saliency, a size mismatch or the samples lost to a truncated tar are replaced by a
+   missing saliency, a size mismatch or the samples lost to a truncated tar or to a remote
+   shard still unreachable after the retries (epsdist.data.source) are replaced by a
    good sample of the same batch, and counted by reason in ``loader.skipped``; the first
    few are logged with their shard and key.
 
@@ -37,7 +40,6 @@ import collections
 import itertools
 import json
 import logging
-import os
 import random
 import signal
 import tarfile
@@ -50,8 +52,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from .augment import (IGNORE_INDEX, DecodeError, SegAugment, TrainAugment, decode_gray,
                       decode_mask, decode_rgb, normalize_batch, normalize_images)
-from .manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD, iter_tar_samples,
-                       read_manifest, shard_digest_problem)
+from .manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD, read_manifest,
+                       shard_digest_problem)
+from .source import FetchOptions, ShardUnavailable, is_remote, iter_shard
 
 log = logging.getLogger("epsdist.data")
 MAX_LOGGED_SKIPS = 10
@@ -100,36 +103,41 @@ def slot_range(batches: int, batch_size: int, rank: int, num_workers: int,
 
 
 def read_range(shard_dir: str, shards: list[dict], order: list[int], start: int,
-               stop: int) -> Iterator[dict]:
+               stop: int, fetch: FetchOptions | None = None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__shard__", field: bytes}`` at positions [start, stop) of the
     concatenation of ``shards`` in ``order``. Samples a truncated or unreadable tar cannot
-    deliver come out as ``{"__error__": reason}`` placeholders, so the count is exact."""
+    deliver come out as ``{"__error__": reason}`` placeholders, so the count is exact.
+    ``shard_dir`` may be a URL (epsdist.data.source, fetched with ``fetch``)."""
     offset = 0
     for idx in order:
         count = shards[idx]["count"]
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
-            yield from _read_shard_part(shard_dir, shards[idx]["name"], lo - offset, hi - offset,
-                                        shards[idx].get("sha256"))
+            yield from _read_shard_part(shard_dir, shards[idx], lo - offset, hi - offset, fetch)
         offset += count
         if offset >= stop:
             break
 
 
-def _read_shard_part(shard_dir: str, name: str, lo: int, hi: int,
-                     sha256: str | None = None) -> Iterator[dict]:
-    delivered = 0
-    problem = sha256 and shard_digest_problem(os.path.join(shard_dir, name), sha256)
+def _read_shard_part(shard_dir: str, entry: dict, lo: int, hi: int,
+                     fetch: FetchOptions | None) -> Iterator[dict]:
+    name, delivered = entry["name"], 0
+    # A local shard is checked against the manifest before any of its samples is used (remote
+    # ones are checked when they enter data.cache_dir).
+    problem = (entry.get("sha256") and not is_remote(shard_dir)
+               and shard_digest_problem(os.path.join(shard_dir, name), entry["sha256"]))
     if problem:                     # no sample of a shard that is not the manifest's is used
         yield from ({"__error__": problem, "__key__": None, "__shard__": name} for _ in range(lo, hi))
         return
     try:
-        for index, sample in iter_tar_samples(os.path.join(shard_dir, name),
-                                              want=lambda i: lo <= i < hi, stop=hi):
+        for index, sample in iter_shard(shard_dir, entry, want=lambda i: lo <= i < hi, stop=hi,
+                                        fetch=fetch):
             if sample is not None:
                 sample["__shard__"] = name
                 yield sample
                 delivered += 1
+    except ShardUnavailable as e:
+        reason = f"unreachable shard {name}: {e}"
     except (tarfile.TarError, OSError, EOFError) as e:
         reason = f"unreadable tar {name}: {type(e).__name__}: {e}"
     else:
@@ -241,12 +249,12 @@ class _EpochStream(IterableDataset):
     """One rank's batches for one epoch, from batch ``first_batch`` on (see module doc)."""
 
     def __init__(self, shard_dir, manifest, *, epoch, first_batch, rank, world_size,
-                 num_workers, batch_size, seed, augment, shuffle_buffer):
+                 num_workers, batch_size, seed, augment, shuffle_buffer, fetch=None):
         super().__init__()
         self.shard_dir, self.manifest, self.epoch = shard_dir, manifest, epoch
         self.first_batch, self.rank, self.world_size = first_batch, rank, world_size
         self.num_workers, self.batch_size, self.seed = num_workers, batch_size, seed
-        self.augment, self.shuffle_buffer = augment, shuffle_buffer
+        self.augment, self.shuffle_buffer, self.fetch = augment, shuffle_buffer, fetch
 
     def __iter__(self):
         info = get_worker_info()
@@ -258,7 +266,8 @@ class _EpochStream(IterableDataset):
         start, stop = slot_range(batches, self.batch_size, self.rank, n, worker)
         tag = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
         raw = wds.DataPipeline(
-            lambda: read_range(self.shard_dir, self.manifest["shards"], order, start, stop),
+            lambda: read_range(self.shard_dir, self.manifest["shards"], order, start, stop,
+                               self.fetch),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                         rng=random.Random(tag)),
         )
@@ -295,20 +304,22 @@ class ShardLoader:
     ``len(loader)`` is the batch count of a whole epoch, equal on every rank. Workers send
     uint8 crops; the batch is moved to ``device`` (pinned, asynchronous on CUDA) and
     normalised there. ``augment``: ``TrainAugment`` (stage 1: image, saliency, labels) or
-    ``SegAugment`` (segmentation: image, mask, labels).
+    ``SegAugment`` (segmentation: image, mask, labels). ``shard_dir`` may be the URL of a
+    shard directory (epsdist.data.source), fetched as ``fetch`` says.
     """
 
     def __init__(self, shard_dir: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, seed: int = 0,
                  augment: TrainAugment | SegAugment | None = None,
-                 shuffle_buffer: int = 256, device: torch.device | str | None = None):
+                 shuffle_buffer: int = 256, device: torch.device | str | None = None,
+                 fetch: FetchOptions | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(f"batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1 expected, "
                              f"got {batch_size}, {num_workers}, {shuffle_buffer}")
-        self.shard_dir = shard_dir
-        self.manifest = read_manifest(shard_dir)
+        self.shard_dir, self.fetch = shard_dir, fetch
+        self.manifest = read_manifest(shard_dir, fetch)
         self.classes = list(self.manifest["classes"])
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
@@ -326,7 +337,7 @@ class ShardLoader:
             self.shard_dir, self.manifest, epoch=self.epoch, first_batch=self.consumed,
             rank=self.rank, world_size=self.world_size, num_workers=self.num_workers,
             batch_size=self.batch_size, seed=self.seed, augment=self.augment,
-            shuffle_buffer=self.shuffle_buffer)
+            shuffle_buffer=self.shuffle_buffer, fetch=self.fetch)
         cuda = self.device.type == "cuda"
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             worker_init_fn=_ignore_stop_signal if self.num_workers else None,

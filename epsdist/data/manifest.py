@@ -89,9 +89,14 @@ def write_manifest(directory: str, manifest: dict) -> None:
                        json.dumps(manifest, indent=1).encode() + b"\n")
 
 
-def read_manifest(directory: str) -> dict:
-    """Load and check ``directory/manifest.json``; errors name the file and the problem."""
-    path = os.path.join(directory, MANIFEST)
+def read_manifest(location: str, fetch=None) -> dict:
+    """Load and check ``location/manifest.json``; errors name the file and the problem.
+    ``location``: a shard directory, or the URL of one (``epsdist.data.source``; ``fetch``: its
+    FetchOptions, the defaults when None)."""
+    from .source import is_remote, read_remote_manifest
+    if is_remote(location):
+        return read_remote_manifest(location, fetch)
+    path = os.path.join(location, MANIFEST)
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: no manifest.json (expected a shard directory written by "
                             f"`python -m epsdist.data.shard`)")
@@ -100,6 +105,13 @@ def read_manifest(directory: str) -> dict:
             m = json.load(f)
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON: {e}") from None
+    return check_manifest(m, path)
+
+
+def check_manifest(m, path: str) -> dict:
+    """``m`` if it is a valid manifest, else ManifestError naming ``path`` and the problem."""
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
     for key in ("format", "classes", "shards", "num_samples"):
         if key not in m:
             raise ManifestError(f"{path}: missing key {key!r}")
@@ -108,15 +120,43 @@ def read_manifest(directory: str) -> dict:
     if not m["shards"]:
         raise ManifestError(f"{path}: lists no shards")
     for s in m["shards"]:
-        if not {"name", "count", "sha256"} <= set(s):
+        if not isinstance(s, dict) or not {"name", "count", "sha256"} <= set(s):
             raise ManifestError(f"{path}: shard entry {s!r} needs name, count and sha256")
+        try:
+            check_shard_name(s["name"])
+        except ManifestError as e:
+            raise ManifestError(f"{path}: {e}") from None
     if sum(s["count"] for s in m["shards"]) != m["num_samples"]:
         raise ManifestError(f"{path}: shard counts do not add up to num_samples")
     return m
 
 
-def shard_paths(directory: str, manifest: dict) -> list[str]:
-    return [os.path.join(directory, s["name"]) for s in manifest["shards"]]
+def check_shard_name(name) -> str:
+    """``name`` if it may name a file of a shard directory, else ManifestError naming it: a
+    relative path below the directory, with no ``..``, backslash or control character."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is not a non-empty string"
+    elif name.startswith("/"):
+        problem = "is an absolute path"
+    elif ".." in name:
+        problem = "contains '..'"
+    elif "\\" in name:
+        problem = "contains a backslash"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    elif any(part in ("", ".") for part in name.split("/")):
+        problem = "has an empty or '.' path component"
+    if problem:
+        raise ManifestError(f"shard name {name!r} {problem} (expected a file name inside the "
+                            f"shard directory)")
+    return name
+
+
+def shard_paths(location: str, manifest: dict) -> list[str]:
+    """The path (or URL) of every shard of ``manifest``, through ``source.join_shard``."""
+    from .source import join_shard
+    return [join_shard(location, s["name"]) for s in manifest["shards"]]
 
 
 def voc_palette() -> list[int]:
@@ -146,12 +186,13 @@ def sample_key(member_name: str) -> tuple[str | None, str | None]:
 
 
 def iter_tar_samples(path: str, want: Callable[[int], bool] = lambda i: True,
-                     stop: int | None = None) -> Iterator[tuple[int, dict | None]]:
+                     stop: int | None = None, fileobj=None) -> Iterator[tuple[int, dict | None]]:
     """``(index, sample)`` for the samples of one tar in order, ``sample`` a dict
     ``{"__key__", field: bytes}`` when ``want(index)``, else None: the data of unwanted
     samples is never read (tarfile seeks over it). Stops before index ``stop``. Raises
-    tarfile/OS errors for unreadable or truncated tars."""
-    with tarfile.open(path, mode="r:") as tar:
+    tarfile/OS errors for unreadable or truncated tars. ``fileobj``: read this stream instead
+    of opening ``path`` (a remote shard: unwanted samples are read and dropped)."""
+    with tarfile.open(path, mode="r:" if fileobj is None else "r|", fileobj=fileobj) as tar:
         index, current, keep = -1, None, False
         for member in tar:
             if not member.isfile():
@@ -172,20 +213,23 @@ def iter_tar_samples(path: str, want: Callable[[int], bool] = lambda i: True,
             yield index, (current if keep else None)
 
 
-def iter_rank_samples(directory: str, manifest: dict, rank: int = 0, world_size: int = 1,
-                      limit: int | None = None) -> Iterator[tuple[int, dict]]:
-    """``(global index, sample)`` for this rank's share of a shard directory: the samples whose
-    index in shard order (counts from the manifest) is ``rank`` modulo ``world_size`` (the split
-    of epsdist/infer.py), only the first ``limit`` samples when given. Other ranks' samples are
-    never read."""
+def iter_rank_samples(location: str, manifest: dict, rank: int = 0, world_size: int = 1,
+                      limit: int | None = None, fetch=None) -> Iterator[tuple[int, dict]]:
+    """``(global index, sample)`` for this rank's share of a shard directory (or the URL of
+    one, ``fetch`` its FetchOptions): the samples whose index in shard order (counts from the
+    manifest) is ``rank`` modulo ``world_size`` (the split of epsdist/infer.py), only the first
+    ``limit`` samples when given. Other ranks' samples are never decoded (never read from a
+    local directory)."""
+    from .source import iter_shard
     stop = manifest["num_samples"] if limit is None else min(limit, manifest["num_samples"])
     offset = 0
-    for path, entry in zip(shard_paths(directory, manifest), manifest["shards"]):
+    for entry in manifest["shards"]:
         if offset >= stop:
             return
         start = offset
         mine = lambda i, start=start: (start + i) % world_size == rank  # noqa: E731
-        for index, sample in iter_tar_samples(path, want=mine, stop=stop - start):
+        for index, sample in iter_shard(location, entry, want=mine, stop=stop - start,
+                                        fetch=fetch):
             if sample is not None:
                 yield start + index, sample
         offset += entry["count"]

@@ -1,7 +1,9 @@
 """Check a shard directory against its manifest.
 
-    python -m epsdist.data.verify OUT [--quiet]
+    python -m epsdist.data.verify OUT [--quiet] [--retries N]
 
+``OUT`` is a shard directory or the URL of one (http(s)://, s3://, gs://, pipe:...; see
+epsdist.data.source): a remote shard is fetched to a temporary file, one at a time, first.
 Reads ``OUT/manifest.json``, re-hashes every shard (sha256) and opens it with ``tarfile``,
 decoding every sample: the image (``jpg``/``png``, fully decoded with Pillow, the same
 decoder the writer validated with), ``sal.png`` (8-bit gray, the image's size), ``cls.json``
@@ -19,12 +21,14 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
 
 from epsdist.data import manifest as mf
+from epsdist.data import source
 
 _MASK_FIELDS = (mf.SEG_FIELD, mf.CTX_FIELD)
 
@@ -145,14 +149,19 @@ def check_shard(path: str, entry: dict, classes: list, seen: dict) -> list[str]:
     return problems
 
 
-def verify(out: str, *, log: Optional[Callable[[str], None]] = None) -> list[str]:
-    """All problems of the shard directory ``out`` (empty list = good). ``log`` gets one line per
-    shard. Raises :class:`epsdist.data.manifest.ManifestError` if the manifest is missing/invalid."""
-    m = mf.read_manifest(out)
+def verify(out: str, *, log: Optional[Callable[[str], None]] = None,
+           fetch: Optional[source.FetchOptions] = None) -> list[str]:
+    """All problems of the shard directory (or URL) ``out`` (empty list = good). ``log`` gets
+    one line per shard. Raises :class:`epsdist.data.manifest.ManifestError` if the manifest is
+    missing/invalid."""
+    m = mf.read_manifest(out, fetch)
     classes = m["classes"]
     problems, seen = [], {}
     for entry, path in zip(m["shards"], mf.shard_paths(out, m)):
-        shard_problems = check_shard(path, entry, classes, seen)
+        if source.is_remote(out):
+            shard_problems = _check_remote_shard(path, entry, classes, seen, fetch)
+        else:
+            shard_problems = check_shard(path, entry, classes, seen)
         problems += shard_problems
         if log:
             log(f"{entry['name']}: {entry['count']} samples, "
@@ -160,25 +169,38 @@ def verify(out: str, *, log: Optional[Callable[[str], None]] = None) -> list[str
     return problems
 
 
+def _check_remote_shard(url, entry, classes, seen, fetch) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="epsdist-verify-") as tmp:
+        path = os.path.join(tmp, "shard.tar")
+        try:
+            source.fetch_file(url, path, fetch or source.FetchOptions())
+        except source.ShardUnavailable as e:
+            return [f"{entry['name']}: unreachable ({e})"]
+        return check_shard(path, entry, classes, seen)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m epsdist.data.verify",
                                 description="Check shards against their manifest.json.")
-    p.add_argument("out", help="shard directory (holds manifest.json)")
+    p.add_argument("out", help="shard directory (holds manifest.json), or the URL of one")
     p.add_argument("--quiet", action="store_true", help="no per-shard lines")
+    p.add_argument("--retries", type=int, default=source.FetchOptions.retries,
+                   help="retries of a failed fetch (remote OUT)")
     a = p.parse_args(argv)
+    fetch = source.FetchOptions(retries=a.retries)
     try:
-        m = mf.read_manifest(a.out)
-        problems = verify(a.out, log=None if a.quiet else print)
+        m = mf.read_manifest(a.out, fetch)
+        problems = verify(a.out, log=None if a.quiet else print, fetch=fetch)
     except mf.ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for problem in problems:
         print(problem, file=sys.stderr)
-    n, s = m["num_samples"], len(m["shards"])
+    n, s, where = m["num_samples"], len(m["shards"]), source.redact(a.out)
     if problems:
-        print(f"{a.out}: FAILED, {len(problems)} problem(s) in {s} shards ({n} samples listed)")
+        print(f"{where}: FAILED, {len(problems)} problem(s) in {s} shards ({n} samples listed)")
         return 1
-    print(f"{a.out}: ok, {n} samples in {s} shards")
+    print(f"{where}: ok, {n} samples in {s} shards")
     return 0
 
 

@@ -34,6 +34,7 @@ from ..data.augment import DecodeError, decode_mask, decode_rgb, normalize_image
 from ..data.manifest import IMAGE_FIELDS, SEG_FIELD, atomic_write_bytes, iter_rank_samples
 from ..data.manifest import read_manifest
 from ..data.masks import encode_mask
+from ..data.source import fetch_options
 
 log = logging.getLogger("epsdist.segment")
 
@@ -101,7 +102,7 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
     result). Writes the predictions under ``pred_dir`` unless it is None."""
     t0 = time.perf_counter()
     ecfg, K = cfg.eval, cfg.data.num_classes + 1
-    manifest = read_manifest(cfg.data.val_shards)
+    manifest = read_manifest(cfg.data.val_shards, fetch_options(cfg.data))
     conf = np.zeros((K, K), np.int64)
     counts = np.zeros(2, np.int64)                   # images, skipped
     module = engine.module if hasattr(engine, "module") else engine
@@ -111,7 +112,8 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
         os.makedirs(pred_dir, exist_ok=True)
     try:
         for _, sample in iter_rank_samples(cfg.data.val_shards, manifest, info.rank,
-                                           info.world_size, ecfg.max_images or None):
+                                           info.world_size, ecfg.max_images or None,
+                                           fetch=fetch_options(cfg.data)):
             key = sample["__key__"]
             if SEG_FIELD not in sample:
                 raise ValueError(f"data.val_shards: sample {key} has no {SEG_FIELD} (the val "

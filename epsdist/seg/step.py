@@ -28,6 +28,7 @@ from ..config import ConfigError, SegConfig
 from ..data.augment import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegAugment
 from ..data.loader import ShardLoader
 from ..data.manifest import SEG_FIELD, ManifestError, read_manifest
+from ..data.source import fetch_options
 from ..runloop import precision, reduce_losses
 
 CRF_PACKAGE = "pydensecrf"
@@ -40,7 +41,7 @@ def _shards(cfg: SegConfig, key: str, what: str) -> dict:
     if not path:
         raise ConfigError(f"config key 'data.{key}' is empty: give the {what}")
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, fetch_options(cfg.data))
     except ManifestError as e:
         raise ConfigError(f"config key 'data.{key}': {e}") from None
     fields = manifest.get("fields")
@@ -114,7 +115,7 @@ def build_loader(cfg: SegConfig, info: D.DistInfo) -> ShardLoader:
     return ShardLoader(cfg.data.train_shards, batch_size=cfg.train.batch_size, rank=info.rank,
                        world_size=info.world_size, num_workers=cfg.data.num_workers,
                        seed=cfg.seed, augment=augment, shuffle_buffer=cfg.data.shuffle_buffer,
-                       device=info.device)
+                       device=info.device, fetch=fetch_options(cfg.data))
 
 
 # ------------------------------------------------------------------------------ step
