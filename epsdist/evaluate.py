@@ -109,6 +109,7 @@ import numpy as np
 from PIL import Image
 
 from epsdist.data import manifest as mf
+from epsdist.data.safepath import UnsafeNameError, key_path, skip_unsafe_key
 
 __all__ = ["EvalError", "UsageError", "IGNORE", "confusion_matrix", "metrics", "confusion_ratio",
            "evaluate", "sweep_thresholds", "iter_ground_truth", "resolve_class_names",
@@ -224,10 +225,12 @@ def read_key_list(path: str) -> list[str]:
     return keys
 
 
-def _gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[str]] = None):
+def _gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[str]] = None,
+                unsafe: Optional[list] = None):
     """(key, seg source, ctx source or None, where) per ground-truth image; sources are paths
     or bytes. Duplicate keys and samples without a mask are errors. ``keys``: only these (every
-    one must exist in the ground truth)."""
+    one must exist in the ground truth). Unsafe keys (:mod:`epsdist.data.safepath`) are skipped,
+    named on stderr and appended to ``unsafe`` as (key, reason)."""
     wanted = None if keys is None else set(keys)
     if wanted is not None and not wanted:
         raise UsageError("the key list is empty")
@@ -238,11 +241,13 @@ def _gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[
     ctx_keys = set(_png_keys(ctx_dir)) if ctx_dir is not None else set()
 
     def ctx_of(key):
-        return os.path.join(ctx_dir, key + ".png") if key in ctx_keys else None
+        return key_path(ctx_dir, key, ".png") if key in ctx_keys else None
 
     if _is_shards(gt):
         seen = {}
         for key, seg, ctx, shard in _shard_samples(gt):
+            if skip_unsafe_key(key, f"{gt}: {shard}", unsafe):
+                continue
             if key in seen:
                 raise EvalError(f"{gt}: key {key} appears twice (shards {seen[key]} and {shard})")
             seen[key] = shard
@@ -264,8 +269,8 @@ def _gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[
             raise EvalError(f"{len(absent)} listed keys have no ground truth in {gt}: "
                             f"{', '.join(absent[:5])}")
         for key in present:
-            if wanted is None or key in wanted:
-                path = os.path.join(gt, key + ".png")
+            if (wanted is None or key in wanted) and not skip_unsafe_key(key, gt, unsafe):
+                path = key_path(gt, key, ".png")
                 yield key, path, ctx_of(key), path
     if absent:
         raise EvalError(f"{len(absent)} listed keys have no ground truth in {gt}: "
@@ -693,14 +698,14 @@ def _run(gt: str, num_classes: Optional[int], *, pred_dir: Optional[str] = None,
     workers = workers or min(8, os.cpu_count() or 1)
     setup = _Setup(C, ts)
 
-    gt_keys = set()
+    gt_keys, unsafe = set(), []
 
     def jobs():
-        for key, seg, ctx, where in _gt_sources(gt, ctx_dir, keys):
+        for key, seg, ctx, where in _gt_sources(gt, ctx_dir, keys, unsafe):
             gt_keys.add(key)
             yield _Job(key, seg, ctx, where,
-                       pred=os.path.join(pred_dir, key + ".png") if pred_dir else None,
-                       cam=os.path.join(cams_dir, key + ".npz") if cams_dir else None,
+                       pred=key_path(pred_dir, key, ".png") if pred_dir else None,
+                       cam=key_path(cams_dir, key, ".npz") if cams_dir else None,
                        pred_missing=pred_keys is not None and key not in pred_keys,
                        cam_missing=cam_keys is not None and key not in cam_keys)
 
@@ -737,7 +742,8 @@ def _run(gt: str, num_classes: Optional[int], *, pred_dir: Optional[str] = None,
             n["cam_ignored"] += r["ignored"]
             hist += r["sweep"]
 
-    common = dict(gt=gt, num_classes=C, class_names=class_names, gt_images=n["images"])
+    common = dict(gt=gt, num_classes=C, class_names=class_names, gt_images=n["images"],
+                  unsafe_keys=len(unsafe), unsafe_key_examples=[k for k, _ in unsafe[:_SHOW_KEYS]])
     evaluation = sweep = None
     if pred_dir is not None:
         m = metrics(conf[:, :C], conf[:, C])
@@ -991,7 +997,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (EvalError, mf.ManifestError) as e:
+    except (EvalError, mf.ManifestError, UnsafeNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = {"gt": a.gt, "num_classes": C, "class_names": names}

@@ -42,7 +42,9 @@ from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, iter_tar_samples, read_manifest,
                                    sha256_file, shard_paths, voc_palette, write_manifest)
+from epsdist.data.safepath import key_path, key_problem, shard_path
 from epsdist.models import build_model
+from epsdist.safeload import safe_torch_load
 
 PALETTE = voc_palette()
 
@@ -65,7 +67,7 @@ def load_export(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file (expected RUN/export/model.pt "
                                 f"written by epsdist/train.py)")
-    export = torch.load(path, map_location="cpu", weights_only=False)
+    export = safe_torch_load(path, "--checkpoint")
     missing = {"state_dict", "config", "classes", "num_maps"} - set(export)
     if missing:
         raise ValueError(f"--checkpoint {path}: not an epsdist export (missing {sorted(missing)})")
@@ -150,8 +152,8 @@ def main(argv=None) -> int:
         os.makedirs(d, exist_ok=True)
 
     def done(key):
-        return (os.path.exists(os.path.join(dirs["masks"], f"{key}.png"))
-                and (not args.cams or os.path.exists(os.path.join(dirs["cams"], f"{key}.npz"))))
+        return (os.path.exists(key_path(dirs["masks"], key, ".png"))
+                and (not args.cams or os.path.exists(key_path(dirs["cams"], key, ".npz"))))
 
     progress = None
     if info.is_main:
@@ -168,7 +170,10 @@ def main(argv=None) -> int:
             if sample is None:
                 continue
             key = sample["__key__"]
-            if done(key):
+            if key_problem(key):            # never a path outside OUT: skipped and named
+                print(f"skipping {key!r}: unsafe sample key, {key_problem(key)}", file=sys.stderr)
+                counts["skipped"] += 1
+            elif done(key):
                 counts["existing"] += 1
             elif infer_sample(model, sample, key, cfg.infer, eps, C, dirs, args,
                               start + index < args.panels, cam_to_mask, info.device):
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
     if info.is_main:
         written, existing, skipped = totals.tolist()
         print(f"pseudo-masks: {written} written, {existing} already there, {skipped} skipped "
-              f"(unreadable) -> {dirs['masks']}", flush=True)
+              f"(unreadable or unsafe key) -> {dirs['masks']}", flush=True)
         if not args.no_shards:
             write_pseudo_shards(args.shards, manifest, dirs["masks"],
                                 os.path.join(args.out, "shards"), args.checkpoint)
@@ -217,7 +222,7 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
         buf = io.BytesIO()
         np.savez_compressed(buf, cams=norm.cpu().numpy().astype(np.float16),
                             classes=classes.cpu().numpy())
-        atomic_write_bytes(os.path.join(dirs["cams"], f"{key}.npz"), buf.getvalue())
+        atomic_write_bytes(key_path(dirs["cams"], key, ".npz"), buf.getvalue())
     if want_panel:
         sal = decode_gray(sample[SAL_FIELD]) if SAL_FIELD in sample else None
         gt = (np.asarray(Image.open(io.BytesIO(sample[SEG_FIELD])))
@@ -225,9 +230,9 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
         grid = panel(image, sal, norm.float().cpu().numpy(), mask, gt)
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
-        atomic_write_bytes(os.path.join(dirs["panels"], f"{key}.png"), buf.getvalue())
+        atomic_write_bytes(key_path(dirs["panels"], key, ".png"), buf.getvalue())
     # the mask last: its existence marks the sample as done for a rerun
-    atomic_write_bytes(os.path.join(dirs["masks"], f"{key}.png"), encode_mask(mask))
+    atomic_write_bytes(key_path(dirs["masks"], key, ".png"), encode_mask(mask))
     return True
 
 
@@ -244,8 +249,9 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
         count = 0
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for _, sample in iter_tar_samples(path):
-                mask_path = os.path.join(masks_dir, f"{sample['__key__']}.png")
-                if not os.path.exists(mask_path):
+                key = sample["__key__"]
+                mask_path = None if key_problem(key) else key_path(masks_dir, key, ".png")
+                if mask_path is None or not os.path.exists(mask_path):
                     missing += 1
                     continue
                 with open(mask_path, "rb") as f:
@@ -253,9 +259,9 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
                 add_sample(tar, sample)
                 count += 1
         if count:
-            os.replace(tmp, os.path.join(out, name))
+            os.replace(tmp, shard_path(out, name))
             shards.append({"name": name, "count": count,
-                           "sha256": sha256_file(os.path.join(out, name))})
+                           "sha256": sha256_file(shard_path(out, name))})
         else:
             os.unlink(tmp)
     write_manifest(out, {**manifest, "source": f"pseudo-masks of {manifest.get('source')}",

@@ -37,7 +37,6 @@ import collections
 import itertools
 import json
 import logging
-import os
 import random
 import signal
 import tarfile
@@ -52,6 +51,7 @@ from .augment import (IGNORE_INDEX, DecodeError, SegAugment, TrainAugment, decod
                       decode_mask, decode_rgb, normalize_batch, normalize_images)
 from .manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD, iter_tar_samples,
                        read_manifest)
+from .safepath import key_problem, shard_path
 
 log = logging.getLogger("epsdist.data")
 MAX_LOGGED_SKIPS = 10
@@ -118,7 +118,7 @@ def read_range(shard_dir: str, shards: list[dict], order: list[int], start: int,
 def _read_shard_part(shard_dir: str, name: str, lo: int, hi: int) -> Iterator[dict]:
     delivered = 0
     try:
-        for index, sample in iter_tar_samples(os.path.join(shard_dir, name),
+        for index, sample in iter_tar_samples(shard_path(shard_dir, name),
                                               want=lambda i: lo <= i < hi, stop=hi):
             if sample is not None:
                 sample["__shard__"] = name
@@ -166,6 +166,8 @@ def _decode_image_and(raw: dict, field: str, decode, what: str):
     """(key, RGB image, decoded ``field``) of a raw sample whose two pictures agree in size."""
     if "__error__" in raw:
         raise SkipSample(raw["__error__"])
+    if key_problem(raw["__key__"]):      # a key that could name a path elsewhere: never used
+        raise SkipSample(f"unsafe key ({key_problem(raw['__key__'])})")
     image_bytes = next((raw[f] for f in IMAGE_FIELDS if f in raw), None)
     if image_bytes is None:
         raise SkipSample("missing image")
@@ -264,7 +266,7 @@ class _EpochStream(IterableDataset):
         for batch, skips in batch_with_substitutes(decoded, self.batch_size, where, task):
             for reason, shard, key in skips:
                 if logged < MAX_LOGGED_SKIPS:
-                    log.warning("skipping sample %s of %s: %s (%s)", key, shard, reason, where)
+                    log.warning("skipping sample %r of %s: %s (%s)", key, shard, reason, where)
                     logged += 1
             yield batch, [s[0] for s in skips]
 

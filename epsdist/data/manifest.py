@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 from typing import Callable, Iterator
 
+from .safepath import shard_name_problem, shard_path
+
 FORMAT = "epsdist-shards/1"
 MANIFEST = "manifest.json"
 IMAGE_FIELDS = ("jpg", "png")
@@ -87,13 +89,16 @@ def read_manifest(directory: str) -> dict:
     for s in m["shards"]:
         if not {"name", "count", "sha256"} <= set(s):
             raise ManifestError(f"{path}: shard entry {s!r} needs name, count and sha256")
+        if shard_name_problem(s["name"]):      # never a path outside the directory
+            raise ManifestError(f"{path}: unsafe shard name {s['name']!r}: "
+                                f"{shard_name_problem(s['name'])}")
     if sum(s["count"] for s in m["shards"]) != m["num_samples"]:
         raise ManifestError(f"{path}: shard counts do not add up to num_samples")
     return m
 
 
 def shard_paths(directory: str, manifest: dict) -> list[str]:
-    return [os.path.join(directory, s["name"]) for s in manifest["shards"]]
+    return [shard_path(directory, s["name"]) for s in manifest["shards"]]
 
 
 def voc_palette() -> list[int]:

@@ -33,6 +33,7 @@ from .. import evaluate
 from ..data.augment import DecodeError, decode_mask, decode_rgb, normalize_images
 from ..data.manifest import IMAGE_FIELDS, SEG_FIELD, atomic_write_bytes, iter_rank_samples
 from ..data.manifest import read_manifest
+from ..data.safepath import key_path, key_problem
 
 log = logging.getLogger("epsdist.segment")
 
@@ -113,6 +114,10 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
         for _, sample in iter_rank_samples(cfg.data.val_shards, manifest, info.rank,
                                            info.world_size, ecfg.max_images or None):
             key = sample["__key__"]
+            if key_problem(key):            # never a path outside pred_dir: skipped and named
+                log.warning("val: skipping %r: unsafe key (%s)", key, key_problem(key))
+                counts[1] += 1
+                continue
             if SEG_FIELD not in sample:
                 raise ValueError(f"data.val_shards: sample {key} has no {SEG_FIELD} (the val "
                                  f"shards need ground truth)")
@@ -135,7 +140,7 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
                 raise ValueError(f"data.val_shards: sample {key}: {e}") from None
             counts[0] += 1
             if pred_dir is not None:
-                path = os.path.join(pred_dir, f"{key}.png")
+                path = key_path(pred_dir, key, ".png")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 atomic_write_bytes(path, encode_mask(pred))
     finally:
