@@ -231,6 +231,34 @@ def test_evaluate_skips_names_and_counts_unsafe_keys(crafted, tmp_path, capsys):
     assert tree(root) == before
 
 
+def test_segmentation_validation_skips_unsafe_keys(crafted, tmp_path, caplog):
+    from epsdist.config import SegConfig
+    from epsdist.dist import DistInfo
+    from epsdist.seg.eval import validate
+    from epsdist.seg.models import build_seg_model
+
+    root, keys, total = crafted
+    m = read_manifest(str(root / "shards"))
+    cfg = load_config(os.path.join(REPO, "configs", "synthetic_seg.yaml"),
+                      [f"data.val_shards={root / 'shards'}", f"data.num_classes={len(m['classes'])}"],
+                      cls=SegConfig)
+    torch.manual_seed(0)
+    model = build_seg_model(cfg.model, len(m["classes"]), log=lambda msg: None)
+    info = DistInfo(0, 0, 1, "gloo", torch.device("cpu"), "single")
+    pred = tmp_path / "a" / "run" / "deep" / "val_pred"      # '../../../../x' would be in tmp_path
+    before = tree(root)
+    with caplog.at_level("WARNING"):
+        result = validate(model, cfg, info, str(pred), ["background"] + list(m["classes"]))
+    assert result["images"] == total - len(keys) and result["skipped"] == len(keys)
+    assert len(os.listdir(pred)) == total - len(keys)
+    for key in keys:
+        assert repr(key) in caplog.text
+    assert tree(root) == before
+    assert tree(tmp_path) == {"a", *(os.path.relpath(d, tmp_path) for d in
+                                     (pred.parent.parent, pred.parent, pred))} | {
+        os.path.relpath(pred / n, tmp_path) for n in os.listdir(pred)}
+
+
 # ----------------------------------------------------------------------------- model files
 
 def test_crafted_model_file_runs_nothing_and_is_named(crafted, tmp_path):
