@@ -13,9 +13,11 @@ A pickle can name any Python callable and have it called while it loads; a craft
 ``load_label_npy(path)``
     The authors' ``cls_labels.npy`` (``np.save`` of a dict {image id: multi-hot array}) is a
     pickle inside an ``.npy`` file. It is read by a restricted unpickler that resolves only the
-    numpy names an array needs (``ndarray``, ``dtype``, ``_reconstruct``, ``scalar``); any
-    other global is refused before it is imported, and the result must be a dict of numeric
-    arrays.
+    numpy names an array needs (``ndarray``, ``dtype``, ``_reconstruct``, ``scalar``,
+    ``_frombuffer``, and ``_codecs.encode``, which protocol-2 pickles use for bytes; under
+    numpy 1 and numpy 2 module names);
+    any other global is refused before it is imported, and the result must be a dict of
+    numeric arrays.
 """
 from __future__ import annotations
 
@@ -75,9 +77,10 @@ def numpy_rng_from_safe(state: dict) -> tuple:
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Resolves only what a pickled numpy array needs; every other global is refused."""
 
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
-        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")}
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                             ("numeric", "_frombuffer"))}
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:

@@ -323,6 +323,19 @@ def test_released_label_file_format_is_read(tmp_path):
         "2007_000032": (0, 14), "2007_000039": (19,)}
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("core", ["numpy._core", "numpy.core"])   # numpy 2 / numpy 1 names
+def test_label_file_of_any_numpy_and_pickle_protocol_is_read(tmp_path, protocol, core):
+    arr = np.asanyarray({"2007_000032": np.eye(20, dtype=np.float32)[3]})
+    data = pickle.dumps(arr, protocol=protocol)
+    if protocol <= 3:                                  # text GLOBAL opcodes: rename in place
+        data = data.replace(b"numpy._core.", core.encode() + b".")
+    with open(tmp_path / "l.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+        f.write(data)
+    assert np.flatnonzero(load_label_npy(str(tmp_path / "l.npy"))["2007_000032"]).tolist() == [3]
+
+
 def test_code_running_label_file_is_refused(tmp_path):
     marker = tmp_path / "marker"
     np.save(tmp_path / "cls_labels.npy", {"2007_000032": MarkerPayload(marker)})

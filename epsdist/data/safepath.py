@@ -16,7 +16,8 @@ Shard names (``check_shard_name``, ``shard_path``)
     ``<prefix>-NNNNNN.tar`` with a prefix of letters, digits, ``_``, ``-``, ``.`` not starting
     with ``.``). Refusing ``/`` and ``:`` also means a name can never be an absolute path, a
     URL (``http://...``), a scheme switch (``file:...``) or a host switch (``//host/...``) once
-    it is joined to a local directory or a remote base URL.
+    it is joined to a local directory or a remote base URL. Shard files are only read as tar
+    streams (never extracted), so a symlink the user placed in a shard directory is followed.
 
 A refused key or name raises :class:`UnsafeNameError` (a ``ValueError``) naming it and saying
 why. Writers refuse to write such a key; readers skip the sample and count it, like a corrupt
@@ -72,18 +73,14 @@ def check_key(key) -> str:
     return key
 
 
-def _inside(path: str, root: str, what: str) -> str:
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
-        raise UnsafeNameError(f"{what}: {path} resolves to {real}, outside {real_root}")
-    return path
-
-
 def key_path(root: str, key: str, suffix: str) -> str:
     """``root/<key><suffix>`` for a safe ``key``; checks that it resolves inside ``root``."""
-    check_key(key)
-    return _inside(os.path.join(root, key + suffix), root, f"sample key {key!r}")
+    path = os.path.join(root, check_key(key) + suffix)
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.dirname(real) != real_root:
+        raise UnsafeNameError(f"sample key {key!r}: {path} resolves to {real}, outside "
+                              f"{real_root}")
+    return path
 
 
 def shard_name_problem(name) -> str | None:
