@@ -134,6 +134,8 @@ def crafted(tmp_path_factory):
     m = read_manifest(str(shards))
     good = next(s for _, s in iter_tar_samples(shard_paths(str(shards), m)[0]))
     keys = [k if k is not None else str(root / "abs_escape" / "pwn") for k in BAD_SAMPLE_KEYS]
+    for target in ("escaped", "abs_escape"):     # where unchecked keys would write (it exists)
+        (root / target).mkdir()
     name = "train-000099.tar"
     with tarfile.open(shards / name, "w", format=tarfile.PAX_FORMAT) as tar:
         for key in keys:
@@ -177,11 +179,11 @@ def test_infer_writes_nothing_outside_its_output_folder(crafted):
     out = root / "run" / "deep" / "er"
     before = tree(root)
     res = run_infer(root, out)
-    assert res.returncode == 0, res.stderr[-3000:]
     new = tree(root) - before
     outside = sorted(p for p in new if not p.startswith(os.path.join("run", "deep", "er"))
                      and p not in ("run", os.path.join("run", "deep")))
     assert outside == []
+    assert res.returncode == 0, res.stderr[-3000:]
     for key in keys:
         assert f"skipping {key!r}: unsafe sample key" in res.stderr
     good = total - len(keys)
@@ -272,7 +274,7 @@ def test_crafted_model_file_runs_nothing_and_is_named(crafted, tmp_path):
         safe_torch_load(str(bad), "--checkpoint")
     assert str(bad) in str(e.value) and re.search(r"GLOBAL (io|builtins)\.open", str(e.value))
     assert "weights_only=False" not in str(e.value)       # no advice to load it unsafely
-    res = run_infer(root, tmp_path / "out", checkpoint=bad)
+    res = run_infer(root, tmp_path / "o1" / "o2" / "o3" / "out", checkpoint=bad)
     assert res.returncode != 0 and str(bad) in res.stderr and "safe loader" in res.stderr
     assert not marker.exists()
 
