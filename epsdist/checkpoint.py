@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import dist as D
+from .safeload import numpy_rng_from_safe, numpy_rng_to_safe, safe_torch_load
 
 TAG = re.compile(r"^iter_(\d{8})$")
 PREEMPT_EXIT = 75          # "checkpointed on request, run me again": the Slurm scripts requeue
@@ -48,7 +49,7 @@ def tag_for(iteration: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    state = {"python": random.getstate(), "numpy": numpy_rng_to_safe(np.random.get_state()),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -57,7 +58,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_rng_from_safe(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -138,6 +139,6 @@ class Checkpointer:
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
         rank_file = os.path.join(path, f"rank{self.info.rank:05d}.pt")
-        rank_state = (torch.load(rank_file, weights_only=False)
+        rank_state = (safe_torch_load(rank_file, "per-rank checkpoint state")
                       if os.path.isfile(rank_file) else None)
         return client_state, rank_state

@@ -37,6 +37,7 @@ from epsdist.data import manifest as mf
 from epsdist.groundtruth import (CTX_IDS, EvalError, UsageError, auto_contexts, no_gt,
                                  read_contexts, read_key_list, resolve_class_names,
                                  resolve_num_classes)
+from epsdist.data.safepath import UnsafeNameError
 from epsdist.report import format_report, format_sweep, write_json
 from epsdist.scoring import run
 
@@ -145,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (EvalError, mf.ManifestError) as e:
+    except (EvalError, mf.ManifestError, UnsafeNameError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = {"gt": a.gt, "num_classes": C, "class_names": names}

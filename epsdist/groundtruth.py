@@ -43,6 +43,7 @@ from PIL import Image
 
 from epsdist.data import manifest as mf
 from epsdist.data import source
+from epsdist.data.safepath import key_path, skip_unsafe_key
 from epsdist.metrics import IGNORE
 
 CTX_IDS = 256                    # context ids are uint8 values
@@ -155,10 +156,12 @@ def read_key_list(path: str) -> list[str]:
     return keys
 
 
-def gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[str]] = None):
+def gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[str]] = None,
+               unsafe: Optional[list] = None):
     """(key, seg source, ctx source or None, where) per ground-truth image; sources are paths
     or bytes. Duplicate keys and samples without a mask are errors. ``keys``: only these (every
-    one must exist in the ground truth)."""
+    one must exist in the ground truth). Unsafe keys (:mod:`epsdist.data.safepath`) are skipped,
+    named on stderr and appended to ``unsafe`` as (key, reason)."""
     wanted = None if keys is None else set(keys)
     if wanted is not None and not wanted:
         raise UsageError("the key list is empty")
@@ -169,11 +172,13 @@ def gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[s
     ctx_keys = set(_png_keys(ctx_dir)) if ctx_dir is not None else set()
 
     def ctx_of(key):
-        return os.path.join(ctx_dir, key + ".png") if key in ctx_keys else None
+        return key_path(ctx_dir, key, ".png") if key in ctx_keys else None
 
     if is_shards(gt):
         seen = {}
         for key, seg, ctx, shard in _shard_samples(gt):
+            if skip_unsafe_key(key, f"{gt}: {shard}", unsafe):
+                continue
             if key in seen:
                 raise EvalError(f"{gt}: key {key} appears twice (shards {seen[key]} and {shard})")
             seen[key] = shard
@@ -195,8 +200,8 @@ def gt_sources(gt: str, ctx_dir: Optional[str] = None, keys: Optional[Sequence[s
             raise EvalError(f"{len(absent)} listed keys have no ground truth in {gt}: "
                             f"{', '.join(absent[:5])}")
         for key in present:
-            if wanted is None or key in wanted:
-                path = os.path.join(gt, key + ".png")
+            if (wanted is None or key in wanted) and not skip_unsafe_key(key, gt, unsafe):
+                path = key_path(gt, key, ".png")
                 yield key, path, ctx_of(key), path
     if absent:
         raise EvalError(f"{len(absent)} listed keys have no ground truth in {gt}: "

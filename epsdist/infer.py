@@ -56,7 +56,9 @@ from epsdist.data.masks import PALETTE, encode_mask
 from epsdist.data.source import fetch_options, is_remote, iter_shard, redact
 from epsdist.infer_guard import (StaleOutput, check_resumable, clear_previous, inference_state,
                                  model_config_notice, working_size, write_state)
+from epsdist.data.safepath import key_path, key_problem, shard_path
 from epsdist.models import build_model
+from epsdist.safeload import safe_torch_load
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
@@ -81,7 +83,7 @@ def load_export(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint {path}: no such file (expected RUN/export/model.pt "
                                 f"written by epsdist/train.py)")
-    export = torch.load(path, map_location="cpu", weights_only=False)
+    export = safe_torch_load(path, "--checkpoint")
     missing = {"state_dict", "config", "classes", "num_maps"} - set(export)
     if missing:
         raise ValueError(f"--checkpoint {path}: not an epsdist export (missing {sorted(missing)})")
@@ -181,8 +183,8 @@ def main(argv=None) -> int:
         os.makedirs(d, exist_ok=True)
 
     def done(key):
-        return (os.path.exists(os.path.join(dirs["masks"], f"{key}.png"))
-                and (not args.cams or os.path.exists(os.path.join(dirs["cams"], f"{key}.npz"))))
+        return (os.path.exists(key_path(dirs["masks"], key, ".png"))
+                and (not args.cams or os.path.exists(key_path(dirs["cams"], key, ".npz"))))
 
     progress = None
     if info.is_main:
@@ -199,7 +201,10 @@ def main(argv=None) -> int:
             if sample is None:
                 continue
             key = sample["__key__"]
-            if done(key):
+            if key_problem(key):            # never a path outside OUT: skipped and named
+                print(f"skipping {key!r}: unsafe sample key, {key_problem(key)}", file=sys.stderr)
+                counts["skipped"] += 1
+            elif done(key):
                 counts["existing"] += 1
             elif infer_or_skip(model, sample, key, cfg.infer, eps, C, dirs, args,
                                start + index < args.panels, cam_to_mask, info.device):
@@ -274,7 +279,7 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
     if args.cams:
         buf = io.BytesIO()
         np.savez_compressed(buf, cams=cams_at(norm, H, W), classes=classes.cpu().numpy())
-        atomic_write_bytes(os.path.join(dirs["cams"], f"{key}.npz"), buf.getvalue())
+        atomic_write_bytes(key_path(dirs["cams"], key, ".npz"), buf.getvalue())
     if want_panel:                              # at the working resolution
         sal = decode_gray(sample[SAL_FIELD]) if SAL_FIELD in sample else None
         gt = (np.asarray(Image.open(io.BytesIO(sample[SEG_FIELD])))
@@ -285,9 +290,9 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
         grid = panel(work, sal, norm.float().cpu().numpy(), work_mask, gt)
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
-        atomic_write_bytes(os.path.join(dirs["panels"], f"{key}.png"), buf.getvalue())
+        atomic_write_bytes(key_path(dirs["panels"], key, ".png"), buf.getvalue())
     # the mask last: its existence marks the sample as done for a rerun
-    atomic_write_bytes(os.path.join(dirs["masks"], f"{key}.png"), encode_mask(mask))
+    atomic_write_bytes(key_path(dirs["masks"], key, ".png"), encode_mask(mask))
     return True
 
 
@@ -334,8 +339,9 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
             count = 0
             with tarfile.open(tmp, "w", format=TAR_FORMAT) as tar:
                 for _, sample in iter_shard(src, entry, fetch=fetch):
-                    mask_path = os.path.join(masks_dir, f"{sample['__key__']}.png")
-                    if not os.path.exists(mask_path):
+                    key = sample["__key__"]
+                    mask_path = None if key_problem(key) else key_path(masks_dir, key, ".png")
+                    if mask_path is None or not os.path.exists(mask_path):
                         missing += 1
                         continue
                     with open(mask_path, "rb") as f:
@@ -355,7 +361,7 @@ def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, chec
     for tmp in partials:
         name = os.path.basename(tmp)[1:-len(".partial")]
         if name in kept:
-            os.replace(tmp, os.path.join(out, name))
+            os.replace(tmp, shard_path(out, name))
         else:
             os.unlink(tmp)
     write_manifest(out, {**manifest, "source": f"pseudo-masks of {manifest.get('source')}",

@@ -32,6 +32,7 @@ import numpy as np
 from epsdist.groundtruth import (CTX_IDS, EvalError, UsageError, auto_contexts, gt_sources, no_gt,
                                  read_contexts, read_mask, resolve_class_names,
                                  resolve_num_classes)
+from epsdist.data.safepath import key_path
 from epsdist.metrics import IGNORE, bad_from_counts, bad_values, metrics, nanmean
 _SHOW_KEYS = 20                   # missing keys listed in the report / JSON
 
@@ -233,14 +234,14 @@ def run(gt: str, num_classes: Optional[int], *, pred_dir: Optional[str] = None,
     workers = workers or min(8, os.cpu_count() or 1)
     setup = _Setup(C, ts)
 
-    gt_keys = set()
+    gt_keys, unsafe = set(), []
 
     def jobs():
-        for key, seg, ctx, where in gt_sources(gt, ctx_dir, keys):
+        for key, seg, ctx, where in gt_sources(gt, ctx_dir, keys, unsafe):
             gt_keys.add(key)
             yield _Job(key, seg, ctx, where,
-                       pred=os.path.join(pred_dir, key + ".png") if pred_dir else None,
-                       cam=os.path.join(cams_dir, key + ".npz") if cams_dir else None,
+                       pred=key_path(pred_dir, key, ".png") if pred_dir else None,
+                       cam=key_path(cams_dir, key, ".npz") if cams_dir else None,
                        pred_missing=pred_keys is not None and key not in pred_keys,
                        cam_missing=cam_keys is not None and key not in cam_keys)
 
@@ -277,7 +278,9 @@ def run(gt: str, num_classes: Optional[int], *, pred_dir: Optional[str] = None,
             n["cam_ignored"] += r["ignored"]
             hist += r["sweep"]
 
-    common = dict(gt=gt, num_classes=C, class_names=class_names, gt_images=n["images"])
+    common = dict(gt=gt, num_classes=C, class_names=class_names, gt_images=n["images"],
+                  unsafe_keys=len(unsafe),
+                  unsafe_key_examples=[k for k, _ in unsafe[:_SHOW_KEYS]])
     evaluation = sweep = None
     if pred_dir is not None:
         m = metrics(conf[:, :C], conf[:, C])

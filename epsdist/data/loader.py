@@ -55,6 +55,7 @@ from .augment import (IGNORE_INDEX, DecodeError, SegAugment, TrainAugment, decod
 from .manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD, read_manifest,
                        shard_digest_problem)
 from .source import FetchOptions, ShardUnavailable, is_remote, iter_shard
+from .safepath import key_problem
 
 log = logging.getLogger("epsdist.data")
 MAX_LOGGED_SKIPS = 10
@@ -180,6 +181,8 @@ def _decode_image_and(raw: dict, field: str, decode, what: str):
     """(key, RGB image, decoded ``field``) of a raw sample whose two pictures agree in size."""
     if "__error__" in raw:
         raise SkipSample(raw["__error__"])
+    if key_problem(raw["__key__"]):      # a key that could name a path elsewhere: never used
+        raise SkipSample(f"unsafe key ({key_problem(raw['__key__'])})")
     image_bytes = next((raw[f] for f in IMAGE_FIELDS if f in raw), None)
     if image_bytes is None:
         raise SkipSample("missing image")
@@ -279,7 +282,7 @@ class _EpochStream(IterableDataset):
         for batch, skips in batch_with_substitutes(decoded, self.batch_size, where, task):
             for reason, shard, key in skips:
                 if logged < MAX_LOGGED_SKIPS:
-                    log.warning("skipping %s of %s: %s (%s)", f"sample {key}" if key is not None
+                    log.warning("skipping %s of %s: %s (%s)", f"sample {key!r}" if key is not None
                                 else "a sample", shard, reason, where)
                     logged += 1
             yield batch, [s[0] for s in skips]

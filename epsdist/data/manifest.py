@@ -28,6 +28,8 @@ import tarfile
 import tempfile
 from typing import Callable, Iterator
 
+from .safepath import shard_name_problem, shard_path
+
 FORMAT = "epsdist-shards/1"
 MANIFEST = "manifest.json"
 IMAGE_FIELDS = ("jpg", "png")
@@ -132,24 +134,12 @@ def check_manifest(m, path: str) -> dict:
 
 
 def check_shard_name(name) -> str:
-    """``name`` if it may name a file of a shard directory, else ManifestError naming it: a
-    relative path below the directory, with no ``..``, backslash or control character."""
-    problem = None
-    if not isinstance(name, str) or not name:
-        problem = "is not a non-empty string"
-    elif name.startswith("/"):
-        problem = "is an absolute path"
-    elif ".." in name:
-        problem = "contains '..'"
-    elif "\\" in name:
-        problem = "contains a backslash"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "contains a control character"
-    elif any(part in ("", ".") for part in name.split("/")):
-        problem = "has an empty or '.' path component"
+    """``name`` if it may name a shard of a shard directory (a plain file name: see
+    :func:`epsdist.data.safepath.shard_name_problem`), else ManifestError naming it."""
+    problem = shard_name_problem(name)
     if problem:
-        raise ManifestError(f"shard name {name!r} {problem} (expected a file name inside the "
-                            f"shard directory)")
+        raise ManifestError(f"unsafe shard name {name!r}: {problem} (expected a file name inside "
+                            f"the shard directory)")
     return name
 
 

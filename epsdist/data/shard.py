@@ -73,8 +73,9 @@ Bad samples are skipped, printed as ``<file>: <reason>`` (first 10, stderr) and 
 reason: missing image, unreadable image (undecodable, or not JPEG/PNG), missing saliency,
 unreadable saliency, size mismatch (saliency or mask vs image, COCO image vs json), missing
 mask (VOC without --labels), unreadable mask, bad mask values (named), no label, bad
-annotation (COCO), duplicate id, bad id (contains '.', '/' or spaces, or longer than 200
-bytes). An empty (0-byte) file is reported as such. The summary line is
+annotation (COCO), duplicate id, bad id (contains '.', '/', '\\', spaces or control
+characters: see :mod:`epsdist.data.safepath`; or longer than 200 bytes). An empty
+(0-byte) file is reported as such. The summary line is
 "wrote N samples in S shards to OUT; skipped K (reason: count, ...)"; the run exits 1 if
 anything was skipped unless ``--allow-skips`` (the shards and manifest are written either
 way). Bad inputs (missing folders, list, annotation or labels file, malformed json/labels)
@@ -100,6 +101,8 @@ import numpy as np
 from PIL import Image
 
 from epsdist.data import manifest as mf
+from epsdist.data.safepath import check_key, key_problem
+from epsdist.safeload import load_label_npy
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
@@ -360,9 +363,7 @@ def load_labels_file(path: str, num_classes: int) -> dict[str, tuple]:
         raise InputError(f"{path}: labels file not found")
     try:
         if path.endswith(".npy"):
-            raw = np.load(path, allow_pickle=True).item()
-            if not isinstance(raw, dict):
-                raise ValueError("expected a pickled dict {id: multi-hot array}")
+            raw = load_label_npy(path)      # a restricted unpickler: nothing in it runs
             labels = {}
             for k, v in raw.items():
                 v = np.asarray(v).ravel()
@@ -567,7 +568,7 @@ def add_sample(tar: tarfile.TarFile, sample: dict) -> None:
     used directly: importing webdataset pulls in torch, seconds per worker process. Open the
     tar with ``TAR_FORMAT`` (PAX): a member name over 100 bytes gets a PAX header instead of
     failing; shorter ASCII names give the same bytes as USTAR."""
-    key = sample["__key__"]
+    key = check_key(sample["__key__"])     # refuses keys that could become paths elsewhere
     for field in sorted(k for k in sample if k != "__key__"):
         data = sample[field]
         info = tarfile.TarInfo(f"{key}.{field}")
@@ -633,8 +634,9 @@ def _key_skips(items: list[Item]) -> list:
     """Skips that need no file access (duplicate or unusable keys), as (reason, path, detail)."""
     seen, pre = set(), []
     for it in items:
-        if not it.key or _BAD_KEY.search(it.key):
-            pre.append(("bad id", it.image, f"bad id {it.key!r} (no '.', '/' or spaces allowed)"))
+        if not it.key or _BAD_KEY.search(it.key) or key_problem(it.key):
+            pre.append(("bad id", it.image, f"bad id {it.key!r} (no '.', '/', '\\', spaces or "
+                        f"control characters allowed)"))
         elif len(it.key.encode("utf-8")) > MAX_KEY_BYTES:
             pre.append(("bad id", it.image, f"bad id {it.key!r} ({len(it.key.encode('utf-8'))} "
                                             f"bytes in UTF-8; at most {MAX_KEY_BYTES} allowed)"))

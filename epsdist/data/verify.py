@@ -29,6 +29,7 @@ from PIL import Image
 
 from epsdist.data import manifest as mf
 from epsdist.data import source
+from epsdist.data.safepath import key_problem
 
 _MASK_FIELDS = (mf.SEG_FIELD, mf.CTX_FIELD)
 
@@ -53,7 +54,7 @@ def _decode(data: bytes) -> Image.Image:
 
 def check_sample(key: str, fields: dict, classes: list) -> list[str]:
     """Problems of one sample (messages without the shard name)."""
-    problems = []
+    problems = [f"{key!r}: unsafe key, {key_problem(key)}"] if key_problem(key) else []
     images = [f for f in mf.IMAGE_FIELDS if f in fields]
     unknown = sorted(set(fields) - set(mf.IMAGE_FIELDS) - {mf.SAL_FIELD, mf.CLS_FIELD, *_MASK_FIELDS})
     if unknown:

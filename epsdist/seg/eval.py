@@ -35,6 +35,7 @@ from ..data.manifest import IMAGE_FIELDS, SEG_FIELD, atomic_write_bytes, iter_ra
 from ..data.manifest import read_manifest
 from ..data.masks import encode_mask
 from ..data.source import fetch_options
+from ..data.safepath import key_path, key_problem
 
 log = logging.getLogger("epsdist.segment")
 
@@ -115,6 +116,10 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
                                            info.world_size, ecfg.max_images or None,
                                            fetch=fetch_options(cfg.data)):
             key = sample["__key__"]
+            if key_problem(key):            # never a path outside pred_dir: skipped and named
+                log.warning("val: skipping %r: unsafe key (%s)", key, key_problem(key))
+                counts[1] += 1
+                continue
             if SEG_FIELD not in sample:
                 raise ValueError(f"data.val_shards: sample {key} has no {SEG_FIELD} (the val "
                                  f"shards need ground truth)")
@@ -137,7 +142,7 @@ def validate(engine, cfg, info: D.DistInfo, pred_dir: str | None, class_names: l
                 raise ValueError(f"data.val_shards: sample {key}: {e}") from None
             counts[0] += 1
             if pred_dir is not None:
-                path = os.path.join(pred_dir, f"{key}.png")
+                path = key_path(pred_dir, key, ".png")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 atomic_write_bytes(path, encode_mask(pred))
     finally:
