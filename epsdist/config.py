@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -460,22 +459,10 @@ def dump_yaml(obj) -> str:
 
 
 def save_config(obj, path) -> None:
-    """Write the config as YAML atomically: temp file in the same directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dump_yaml(obj))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write the config as YAML atomically (temp file beside it, then rename; umask mode)."""
+    from .atomic import atomic_write_text
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, dump_yaml(obj))
 
 
 # ----------------------------------------------------------------------------- argparse

@@ -100,7 +100,6 @@ import math
 import os
 import sys
 import tarfile
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -108,6 +107,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from epsdist.atomic import atomic_write_bytes
 from epsdist.data import manifest as mf
 
 __all__ = ["EvalError", "UsageError", "IGNORE", "confusion_matrix", "metrics", "confusion_ratio",
@@ -913,23 +913,11 @@ def _dumps(x, depth: int = 0) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic: a temporary file beside ``path``, then ``os.replace``. NaN -> null."""
+    """Atomic (epsdist.atomic: temporary file beside ``path``, umask mode). NaN -> null."""
     data = (_dumps(_jsonable(obj)) + "\n").encode()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------- CLI

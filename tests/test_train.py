@@ -13,7 +13,7 @@ import torch
 
 from epsdist import dist as D
 from epsdist.dist import free_port
-from epsdist.checkpoint import Checkpointer
+from epsdist.checkpoint import Checkpointer, CheckpointError
 from epsdist.config import ConfigError, load_config
 from epsdist.data import shard, synthetic
 
@@ -125,16 +125,17 @@ def test_config_errors_before_any_process_group(shards, override, message, monke
 # ------------------------------------------------------------------------------ units
 
 class FakeEngine:
-    """Writes and reads one file like DeepSpeed's engine; can fail half-way."""
+    """Writes and reads one file like DeepSpeed's engine; can fail half-way (``fail``: the
+    exception to raise after writing)."""
 
-    def __init__(self, fail=False):
+    def __init__(self, fail=None):
         self.fail, self.value = fail, None
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         torch.save(client_state, os.path.join(save_dir, tag, "model.pt"))
         if self.fail:
-            raise OSError("disk full")
+            raise self.fail
 
     def load_checkpoint(self, root, tag):
         return root, torch.load(os.path.join(root, tag, "model.pt"))
@@ -147,8 +148,8 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
     for it in (10, 20, 30):
         ck.save(FakeEngine(), it, {"iteration": it}, {"rng": it})
     assert sorted(os.listdir(tmp_path)) == [".partial", "iter_00000020", "iter_00000030", "latest"]
-    with pytest.raises(OSError):
-        ck.save(FakeEngine(fail=True), 40, {"iteration": 40}, {"rng": 40})
+    with pytest.raises(CheckpointError, match="writing the checkpoint .*iter_00000040.*oops"):
+        ck.save(FakeEngine(fail=OSError("oops")), 40, {"iteration": 40}, {"rng": 40})
     assert ck.latest() == str(tmp_path / "iter_00000030")     # the crash left latest intact
     assert not (tmp_path / "iter_00000040").exists()
     client, rank_state = ck.load(FakeEngine(), ck.resolve("auto"))
@@ -304,3 +305,111 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_finishes(shards):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at iteration {stopped}" in resumed.stdout
     assert sorted(metrics(run_dir))[-1] == stopped + 2
+
+
+# ------------------------------------------------------------------------------ faults (#14)
+
+def _single():
+    return D.DistInfo(0, 0, 1, "gloo", torch.device("cpu"), "single")
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, caplog):
+    ck = Checkpointer(str(tmp_path), _single(), keep_last=3)
+    for it in (10, 20, 30):
+        ck.save(FakeEngine(), it, {"iteration": it}, {"rng": it})
+    files = json.loads((tmp_path / "iter_00000030" / "files.json").read_text())["files"]
+    assert set(files) == {"model.pt", "rank00000.pt"}
+    assert files["model.pt"]["size"] == os.path.getsize(tmp_path / "iter_00000030" / "model.pt")
+    model30 = tmp_path / "iter_00000030" / "model.pt"
+    model30.write_bytes(model30.read_bytes()[:-20])                  # truncated
+    rank20 = tmp_path / "iter_00000020" / "rank00000.pt"
+    data = bytearray(rank20.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                     # same size, one bit flipped
+    rank20.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="epsdist.checkpoint"):
+        path = ck.resolve("auto")
+    assert path == str(tmp_path / "iter_00000010")
+    assert str(model30) in caplog.text and "bytes" in caplog.text
+    assert str(rank20) in caplog.text and "SHA-256" in caplog.text
+    client, rank_state = ck.load(FakeEngine(), path)
+    assert client == {"iteration": 10} and rank_state == {"rng": 10}
+    with pytest.raises(CheckpointError, match=f"{model30}"):        # named explicitly: no fallback
+        ck.resolve(str(tmp_path / "iter_00000030"))
+    (tmp_path / "iter_00000010" / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*--resume none"):
+        ck.resolve("auto")
+
+
+def test_load_errors_name_the_file(tmp_path):
+    ck = Checkpointer(str(tmp_path), _single(), keep_last=3)
+    ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+    path = tmp_path / "iter_00000010"
+    (path / "files.json").unlink()                   # unverified (an older checkpoint)
+    rank = path / "rank00000.pt"
+    rank.write_bytes(rank.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"cannot load {rank}"):
+        ck.load(FakeEngine(), ck.resolve("auto"))
+    model = path / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{model} is not a complete torch file"):
+        ck.load(FakeEngine(), str(path))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("basic_ios::clear: iostream error"),
+                                   OSError(28, "No space left on device")])
+def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, error):
+    import shutil
+    from collections import namedtuple
+    ck = Checkpointer(str(tmp_path), _single(), keep_last=3)
+    ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 0))
+    with pytest.raises(CheckpointError) as e:
+        ck.save(FakeEngine(fail=error), 20, {"iteration": 20}, {"rng": 20})
+    partial = tmp_path / ".partial" / "iter_00000020"
+    assert f"no space left on device while writing {partial}" in str(e.value)
+    assert not partial.exists()                       # the space is given back
+    assert ck.resolve("auto") == str(tmp_path / "iter_00000010")
+    # the per-rank state, written by epsdist itself, names its own file
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).startswith(str(tmp_path / ".partial")) and "rank" in os.path.basename(str(f)):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="no space left on device while writing "
+                       f"{tmp_path / '.partial' / 'iter_00000030' / 'rank00000.pt'}"):
+        ck.save(FakeEngine(), 30, {"iteration": 30}, {"rng": 30})
+    assert (tmp_path / "latest").read_text().strip() == "iter_00000010"
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    """Everything written through a temporary file gets 0o666 & ~umask, not mkstemp's 0600."""
+    from epsdist import atomic, evaluate
+    from epsdist.checkpoint import atomic_torch_save
+    from epsdist.config import EPSConfig, save_config
+    from epsdist.data.manifest import atomic_write_bytes, write_manifest
+    from epsdist.models.mxnet_params import save_mxnet_params
+    old = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):
+            os.umask(umask)
+            assert atomic.current_umask() == umask
+            d = tmp_path / oct(umask)
+            d.mkdir()
+            save_config(EPSConfig(), str(d / "config.yaml"))
+            write_manifest(str(d), {"format": 1})
+            evaluate.write_json(str(d / "report.json"), {"a": 1})
+            atomic_write_bytes(str(d / "mask.png"), b"png")
+            atomic_torch_save({"x": 1}, str(d / "model.pt"))
+            save_mxnet_params(str(d / "w.params"), {"a": torch.zeros(2)})
+            ck = Checkpointer(str(d / "ck"), _single(), keep_last=1)
+            ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+            written = [p for p in d.rglob("*") if p.is_file()]
+            assert len(written) == 10, written
+            for p in written:
+                assert p.stat().st_mode & 0o777 == mode, (p, oct(p.stat().st_mode))
+    finally:
+        os.umask(old)

@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from typing import Callable, Iterator
+
+from ..atomic import atomic_write_bytes  # noqa: F401  (re-exported: one atomic writer)
 
 FORMAT = "epsdist-shards/1"
 MANIFEST = "manifest.json"
@@ -45,20 +46,6 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
