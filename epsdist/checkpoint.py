@@ -49,17 +49,36 @@ class CheckpointError(RuntimeError):
 
 
 class StopRequest:
-    """SIGUSR1 (Slurm's time-limit warning, ``--signal=B:USR1@120``) sets a flag; the trainers
-    agree on it across ranks inside the per-step all-reduce (ranks receive the signal at
-    slightly different times), write a checkpoint at that iteration and exit with
-    ``PREEMPT_EXIT``. Install it before DataLoader workers start."""
+    """SIGUSR1 (Slurm's time-limit warning, ``--signal=B:USR1@120``) or SIGTERM (what schedulers
+    and launchers send before killing; also what a rank sends itself when its launcher dies,
+    see ``epsdist.dist.watch_launcher``) sets a flag; the trainers agree on it across ranks
+    inside the per-step all-reduce (ranks receive the signal at slightly different times),
+    write a checkpoint at that iteration and exit with ``PREEMPT_EXIT``. Install it before
+    DataLoader workers start; a forked worker keeps the default action (it exits)."""
 
-    def __init__(self, signum: int = signal.SIGUSR1):
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, signums=SIGNALS):
         self.requested = False
-        signal.signal(signum, self._set)
+        self.pid = os.getpid()
+        for signum in signums:
+            signal.signal(signum, self._set)
 
     def _set(self, signum, frame) -> None:
+        if os.getpid() != self.pid:             # a forked loader worker: the default (exit)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.requested = True
+        _RECEIVED.append(signal.Signals(signum).name)
+
+
+_RECEIVED: list[str] = []        # the stop signals this process got, in order
+
+
+def stop_reason() -> str:
+    """What the stop message names: the signal this process got, or another rank's."""
+    return _RECEIVED[0] if _RECEIVED else "another rank's SIGUSR1/SIGTERM"
 
 
 def tag_for(iteration: int) -> str:

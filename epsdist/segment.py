@@ -25,7 +25,8 @@ import time
 from epsdist import dist as D
 from epsdist import evaluate, stage1
 from epsdist.checkpoint import PREEMPT_EXIT, Checkpointer, StopRequest, tag_for
-from epsdist.config import SegConfig, add_config_args, config_from_args, dump_yaml, save_config
+from epsdist.config import (SegConfig, add_config_args, config_from_args, dump_yaml, run_cli,
+                            save_config)
 from epsdist.seg import eval as seg_eval
 from epsdist.seg import step
 from epsdist.seg.models import build_seg_model, sync_batchnorm
@@ -153,4 +154,4 @@ def train(cfg: SegConfig, info, engine, loader, ckpt: Checkpointer, start: int, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))                 # a config error: one line, exit 2

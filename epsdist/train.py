@@ -26,8 +26,8 @@ from epsdist import dist as D
 from epsdist import stage1
 from epsdist.checkpoint import (PREEMPT_EXIT, Checkpointer, StopRequest, atomic_torch_save,
                                 set_rng_state)
-from epsdist.config import (EPSConfig, add_config_args, config_from_args, dump_yaml, save_config,
-                            to_dict)
+from epsdist.config import (EPSConfig, add_config_args, config_from_args, dump_yaml, run_cli,
+                            save_config, to_dict)
 from epsdist.models import build_model
 
 
@@ -138,4 +138,4 @@ def export(cfg: EPSConfig, info, engine, manifest: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))                 # a config error: one line, exit 2

@@ -72,6 +72,7 @@ def test_two_ranks_resume_equals_uninterrupted_and_loss_decreases(shards):
                               f"train.max_iters={2 * N}")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"at iteration {N}" in resumed.stdout
+    assert f"skipped steps (non-finite loss): 0 of {2 * N} iterations" in full.stdout
 
     a, b = metrics(shards / "runs/full"), metrics(shards / "runs/resumed")
     assert sorted(a) == sorted(b) == list(range(1, 2 * N + 1))
@@ -112,6 +113,7 @@ def test_data_parallel_equals_one_rank_with_the_whole_batch(tmp_path):
     ("data.num_classes=20", "data.num_classes"),
     ("model.weights=missing.params", "model.weights"),
     ("trian.lr=0.1", "trian"),
+    ("train.batch_size=161", "train.batch_size.*160 samples"),
 ])
 def test_config_errors_before_any_process_group(shards, override, message, monkeypatch):
     from epsdist import train
@@ -120,6 +122,18 @@ def test_config_errors_before_any_process_group(shards, override, message, monke
         train.main(["--config", os.path.join(REPO, "configs", "synthetic_eps.yaml"),
                     "data.train_shards=shards", override])
     assert not torch.distributed.is_initialized()
+
+
+def test_a_config_error_is_one_line_and_exit_2(shards):
+    out = run([sys.executable, TRAIN, "--config",
+               os.path.join(REPO, "configs", "synthetic_eps.yaml"), "data.train_shards=shards",
+               "train.momentum=5", "train.lr=1e999", "run.dir=runs/config_error"], cwd=shards)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "train.py: config error:" in lines[0]
+    assert "'train.momentum' must be in [0, 1)" in lines[0] and "'train.lr'" in lines[0]
+    assert not (shards / "runs/config_error").exists()
 
 
 # ------------------------------------------------------------------------------ units
@@ -263,19 +277,56 @@ def test_srun_style_environment_without_a_launcher(shards):
     assert sorted(metrics(shards / "runs/srun")) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_non_finite_loss_stops_or_skips(shards, policy):
-    out = run([sys.executable, *train_cmd(f"run.dir=runs/nan_{policy}", "loss.saliency_weight=.nan",
-                                          f"train.on_nonfinite={policy}")], cwd=shards)
+@pytest.fixture(scope="module")
+def nan_weights(shards):
+    """A tiny-backbone weights file of NaNs: every step's loss is non-finite."""
+    from epsdist.models.tiny import TinyBackbone
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in TinyBackbone().state_dict().items()}
+    torch.save(state, shards / "nan.pt")
+    return f"model.weights={shards / 'nan.pt'}"
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip", "skip_allowed"])
+def test_non_finite_loss_stops_skips_or_fails_past_the_skip_limits(shards, nan_weights, policy):
+    limits = ("train.max_skipped_fraction=1", "train.max_consecutive_skips=3")
+    out = run([sys.executable, *train_cmd(f"run.dir=runs/nan_{policy}", nan_weights,
+                                          f"train.on_nonfinite={policy[:4]}",
+                                          *(limits if policy == "skip_allowed" else
+                                            ("train.max_iters=40",)))], cwd=shards)
+    export = shards / f"runs/nan_{policy}/export/model.pt"
     if policy == "stop":
         assert out.returncode != 0
         assert "non-finite loss at iteration 1" in out.stderr
-    else:
+    elif policy == "skip":                  # default limits: 5 in a row at most
+        assert out.returncode != 0
+        assert "step skipped (6 so far)" in out.stderr
+        assert "non-finite loss in 6 steps in a row (iterations 1-6)" in out.stderr
+        assert "train.max_consecutive_skips=5" in out.stderr and not export.exists()
+    else:                                   # limits raised: the run ends and says how it went
         assert out.returncode == 0, out.stderr[-3000:]
         assert "step skipped (3 so far)" in out.stderr
-        export = torch.load(shards / "runs/nan_skip/export/model.pt", weights_only=False)
-        assert all(torch.isfinite(v).all() for v in export["state_dict"].values()
-                   if v.is_floating_point())
+        assert "skipped steps (non-finite loss): 3 of 3 iterations" in out.stdout
+        assert export.exists()
+
+
+def test_skip_counter_limits_and_resumed_counts():
+    from epsdist.skips import SkipCounter
+    t = load_config(None, ["train.max_iters=100", "train.max_skipped_fraction=0.1",
+                           "train.max_consecutive_skips=2", "train.on_nonfinite=skip"]).train
+    c = SkipCounter(t)
+    for it in range(1, 15):                 # 2 skipped of every 3: never 3 in a row
+        c.finite() if it % 3 == 0 else c.skip(it)
+        assert c.skipped == it - it // 3
+    assert c.skipped == 10                  # the budget: 0.1 x 100
+    c.finite()
+    with pytest.raises(FloatingPointError, match=r"11 steps skipped .*=0\.1 x .*=100 \(10\)"):
+        c.skip(16)
+    resumed = SkipCounter(t, {"skipped_steps": 1, "consecutive_skips": 2})
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(iterations 5-7\)"):
+        resumed.skip(7)
+    assert SkipCounter(t, None).state() == {"skipped_steps": 0, "consecutive_skips": 0}
+    assert "0 of 100 iterations" in SkipCounter(t).summary(100)
 
 
 def test_sigusr1_checkpoints_and_exits_75_then_resume_finishes(shards):
@@ -413,3 +464,58 @@ def test_written_files_respect_the_umask(tmp_path):
                 assert p.stat().st_mode & 0o777 == mode, (p, oct(p.stat().st_mode))
     finally:
         os.umask(old)
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_checkpoint_and_exit_when_the_launcher_alone_is_signalled(shards):
+    """SIGTERM to the `deepspeed` command only (not its process group): DeepSpeed's runner
+    exits at once and leaves its per-node launch.py and the ranks running; the ranks notice
+    (epsdist.dist.watch_launcher), checkpoint and exit 75 instead of training on as orphans."""
+    import re
+    import signal
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *train_cmd(
+        "run.dir=runs/orphans", "run.save_every=1000", "train.max_iters=400")]
+    proc = subprocess.Popen(cmd, cwd=shards, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir, ranks = shards / "runs/orphans", []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2:
+                break
+            time.sleep(0.2)
+        ranks = [r for launch in _children(proc.pid) for r in _children(launch)]
+        assert len(ranks) == 2, ranks                       # deepspeed -> launch.py -> ranks
+        proc.send_signal(signal.SIGTERM)                    # the launcher alone
+        out, err = proc.communicate(timeout=120)            # EOF: every rank has exited
+        assert not any(_running(r) for r in ranks)
+        stopped = int(re.search(r"stopping at iteration (\d+) on SIGTERM \(checkpoint "
+                                r"written\)", out).group(1))
+        assert (run_dir / "checkpoints/latest").read_text().strip() == f"iter_{stopped:08d}"
+        assert sorted(metrics(run_dir))[-1] == stopped < 400
+    finally:
+        for pid in ranks + [proc.pid]:                      # only what this test started
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
