@@ -293,7 +293,7 @@ def test_non_finite_loss_stops_skips_or_fails_past_the_skip_limits(shards, nan_w
     out = run([sys.executable, *train_cmd(f"run.dir=runs/nan_{policy}", nan_weights,
                                           f"train.on_nonfinite={policy[:4]}",
                                           *(limits if policy == "skip_allowed" else
-                                            ("train.max_iters=40",)))], cwd=shards)
+                                            ("train.max_iters=100",)))], cwd=shards)
     export = shards / f"runs/nan_{policy}/export/model.pt"
     if policy == "stop":
         assert out.returncode != 0
