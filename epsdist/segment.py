@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stop = StopRequest()                                          # SIGUSR1 -> checkpoint, exit 75
+    stop = StopRequest()                                  # SIGUSR1/SIGTERM -> checkpoint, exit 75
     cfg = config_from_args(args, SegConfig)                       # 1. config
     if args.print_config:
         print(dump_yaml(cfg), end="")
