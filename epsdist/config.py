@@ -18,9 +18,10 @@ not an int, ``"3"`` is not an int.
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import re
-import tempfile
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ class TrainConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop the run or skip the step
+    # on_nonfinite=skip still fails the run once more than this fraction of train.max_iters
+    # was skipped, or this many steps in a row
+    max_skipped_fraction: float = 0.1
+    max_consecutive_skips: int = 5
     channels_last: bool = True  # on CUDA: channels_last activations
     compile: bool = False  # torch.compile the model (and the reference loss when loss.impl is torch)
 
@@ -154,7 +159,14 @@ class EPSConfig:
              self.infer.bg_threshold)
         need(self.infer.max_side >= 16, "infer.max_side", ">= 16", self.infer.max_side)
         lo, hi = self.data.resize_long
-        need(lo <= hi, "data.resize_long", "[lo, hi] with lo <= hi", list(self.data.resize_long))
+        need(1 <= lo <= hi, "data.resize_long", "[lo, hi] with 1 <= lo <= hi",
+             list(self.data.resize_long))
+        need(self.loss.saliency_weight >= 0, "loss.saliency_weight", ">= 0",
+             self.loss.saliency_weight)
+        strides = (8,) if self.model.backbone in ("resnet38", "tiny") else (8, 16, 32)
+        need(self.model.output_stride in strides, "model.output_stride",
+             f"one of {', '.join(map(str, strides))} for model.backbone "
+             f"{self.model.backbone!r}", self.model.output_stride)
         for i, c in enumerate(self.loss.bg_classes):
             need(0 <= c < self.data.num_classes, f"loss.bg_classes[{i}]",
                  f"a class index in [0, data.num_classes={self.data.num_classes})", c)
@@ -170,8 +182,43 @@ def _collector(errors: list):
     return need
 
 
+MAX_SEED = 4_000_000       # seed * 1000 + rank seeds numpy, whose seeds are below 2**32
+
+
+def _validate_finite(need, obj, path="") -> None:
+    """Every float of the config tree (lists and tuples included) is finite: ``inf`` or
+    ``nan`` (YAML ``.inf``/``.nan``) in a schedule or weight only ever gives a wrong run."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _validate_finite(need, getattr(obj, f.name), _join(path, f.name))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _validate_finite(need, v, f"{path}[{i}]")
+    elif isinstance(obj, float):
+        need(math.isfinite(obj), path, "a finite number", obj)
+
+
+def _validate_ranges(need, cfg) -> None:
+    """Ranges of the keys both stages share that are not checked elsewhere."""
+    r, t = cfg.run, cfg.train
+    _validate_finite(need, cfg)
+    need(0 <= cfg.seed <= MAX_SEED, "seed", f"in [0, {MAX_SEED}]", cfg.seed)
+    need(bool(r.dir.strip()), "run.dir", "a directory (empty would write into the current "
+         "directory)", r.dir)
+    need(r.panel_every >= 0, "run.panel_every", ">= 0 (0: no panels)", r.panel_every)
+    need(0 <= t.momentum < 1, "train.momentum", "in [0, 1)", t.momentum)
+    need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    need(t.poly_power >= 0, "train.poly_power", ">= 0", t.poly_power)
+    need(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0: no clipping)", t.grad_clip)
+    need(0 <= t.max_skipped_fraction <= 1, "train.max_skipped_fraction", "in [0, 1]",
+         t.max_skipped_fraction)
+    need(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", ">= 1",
+         t.max_consecutive_skips)
+
+
 def _validate_common(need, cfg) -> None:
     """The checks of the sections both stages have (run, and the shared data/train keys)."""
+    _validate_ranges(need, cfg)
     r, d, t = cfg.run, cfg.data, cfg.train
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.max_iters >= 1, "train.max_iters", ">= 1", t.max_iters)
@@ -486,22 +533,10 @@ def dump_yaml(obj) -> str:
 
 
 def save_config(obj, path) -> None:
-    """Write the config as YAML atomically: temp file in the same directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dump_yaml(obj))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write the config as YAML atomically (temp file beside it, then rename; umask mode)."""
+    from .atomic import atomic_write_text
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, dump_yaml(obj))
 
 
 # ----------------------------------------------------------------------------- argparse
@@ -517,6 +552,18 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="print the resolved config (file + overrides, validated) as YAML "
                              "and exit without touching data, devices or ranks")
     return parser
+
+
+def run_cli(main, argv=None) -> int:
+    """``main(argv)``, with a ``ConfigError`` printed as one line (``prog: config error: ...``,
+    several problems joined by ``; ``) and exit status 2 instead of a traceback."""
+    try:
+        return main(argv)
+    except ConfigError as e:
+        prog = os.path.basename(sys.argv[0]) or "epsdist"
+        print(f"{prog}: config error: {'; '.join(str(e).splitlines())}", file=sys.stderr,
+              flush=True)
+        return 2
 
 
 def config_from_args(args: argparse.Namespace, cls=EPSConfig):

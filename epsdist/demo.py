@@ -53,6 +53,7 @@ import time
 
 import torch
 
+from epsdist.atomic import atomic_path
 from epsdist.dist import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -376,9 +377,8 @@ def compare_panels(cam_dir: str, eps_dir: str, out_path: str, n: int = 3,
         draw.text((4, y + im.height // 2 - 5), label, fill="black")
         y += im.height + (gap if i % 2 else 0)
     sheet = sheet.resize((width * scale, height * scale), Image.NEAREST)
-    tmp = f"{out_path}.tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        sheet.save(tmp, format="PNG")
     return out_path
 
 

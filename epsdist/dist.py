@@ -11,12 +11,20 @@ Launchers and where the rank comes from:
 CUDA ranks use NCCL on ``cuda:LOCAL_RANK``; without CUDA, gloo on the CPU (this is how
 ``deepspeed --num_gpus 2`` runs two ranks in CI). Every collective has the configured timeout:
 a dead rank makes the others fail after ``timeout_s`` instead of hanging forever.
+
+A rank never outlives its launcher (``watch_launcher``): under deepspeed/torchrun, when the
+launcher process goes away (SIGTERM/SIGINT/SIGKILL to the ``deepspeed`` or ``torchrun``
+process alone), each rank sends itself SIGTERM, which the trainers treat like SIGUSR1
+(checkpoint at the next step, exit 75), and exits hard if it is still alive ``grace_s`` later.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +93,8 @@ def setup(timeout_s: float = 600.0) -> DistInfo:
     import deepspeed
 
     values, launcher = launcher_env()
+    if launcher == "env":
+        watch_launcher(grace_s=timeout_s + 60)
     os.environ.update(values)
     rank, local_rank = int(values["RANK"]), int(values["LOCAL_RANK"])
     world_size = int(values["WORLD_SIZE"])
@@ -101,6 +111,62 @@ def setup(timeout_s: float = 600.0) -> DistInfo:
             torch_dist.barrier()          # every rank has mapped every rank's buffer by now
             unlink_deepspeed_shm(rank)
     return DistInfo(rank, local_rank, world_size, backend, device, launcher)
+
+
+def _ppid(pid: int) -> int | None:
+    """The parent of process ``pid`` (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def launcher_chain() -> list[tuple[int, int]]:
+    """``(pid, its parent)`` links that must stay as they are while the launcher lives: this
+    process -> its parent (torchrun's agent, DeepSpeed's per-node ``launch.py``), and for
+    DeepSpeed also ``launch.py`` -> the ``deepspeed`` command itself, which leaves
+    ``launch.py`` and the ranks running when it is signalled. A dead process's children are
+    re-parented, so a changed link means the launcher died (and a reused PID cannot fool it)."""
+    me, parent = os.getpid(), os.getppid()
+    chain = [(me, parent)]
+    grand = _ppid(parent)
+    if "deepspeed.launcher.launch" in _cmdline(parent) and grand not in (None, 0, 1):
+        chain.append((parent, grand))
+    return chain
+
+
+def watch_launcher(grace_s: float = 660.0, poll_s: float = 1.0,
+                   chain: list[tuple[int, int]] | None = None) -> threading.Thread | None:
+    """A daemon thread: once a link of ``launcher_chain()`` changes, SIGTERM to this process
+    (checkpoint and exit where a ``StopRequest`` is installed, else the default: exit), then
+    ``os._exit(143)`` if it is still running ``grace_s`` later. Linux only (``/proc``)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    chain = launcher_chain() if chain is None else chain
+
+    def alive() -> bool:
+        return all((os.getppid() if pid == os.getpid() else _ppid(pid)) == parent
+                   for pid, parent in chain)
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(143)
+
+    thread = threading.Thread(target=watch, name="epsdist-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def unlink_deepspeed_shm(rank: int) -> None:

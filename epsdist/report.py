@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from epsdist.atomic import atomic_write_bytes
 
 
 def _pct(x) -> str:
@@ -89,20 +90,7 @@ def _dumps(x, depth: int = 0) -> str:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomic: a temporary file beside ``path``, then ``os.replace``. NaN -> null."""
+    """Atomic (epsdist.atomic: temporary file beside ``path``, umask mode). NaN -> null."""
     data = (_dumps(_jsonable(obj)) + "\n").encode()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, data)

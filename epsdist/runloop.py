@@ -13,7 +13,6 @@ SIGUSR1, ``--stop-after``) -> export.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 
 from . import dist as D
-from .checkpoint import Checkpointer, atomic_torch_save, rng_state, set_rng_state
+from .checkpoint import Checkpointer, atomic_torch_save, rng_state, set_rng_state, stop_reason
 from .config import to_dict
+from .skips import SkipCounter
 
-log = logging.getLogger("epsdist.train")
 
 
 # ------------------------------------------------------------------------------ build
@@ -129,27 +128,28 @@ def reduce_losses(parts: list[torch.Tensor], loss: torch.Tensor, info: D.DistInf
 
 class LoopControl:
     """End-of-iteration bookkeeping shared by both trainers: the non-finite-loss policy
-    (``train.on_nonfinite``), checkpoints every ``run.save_every`` iterations and at the end,
-    SIGUSR1 (checkpoint, then stop) and the ``--stop-after`` crash simulation."""
+    (``train.on_nonfinite``, with the skip limits of ``epsdist.skips``), checkpoints every
+    ``run.save_every`` iterations and at the end, SIGUSR1/SIGTERM (checkpoint, then stop) and
+    the ``--stop-after`` crash simulation."""
 
     def __init__(self, cfg, info: D.DistInfo, engine, loader, ckpt, logger,
                  stop_after: int | None = None):
         self.cfg, self.info, self.engine, self.loader = cfg, info, engine, loader
         self.ckpt, self.logger, self.stop_after = ckpt, logger, stop_after
-        self.skipped_steps, self.last_finite = 0, None
+        self.last_finite = None
+        self.skips = SkipCounter(cfg.train, getattr(ckpt, "client_state", None))  # resumed counts
 
     def check(self, it: int, finite: bool, losses: dict) -> None:
         """Remember the last finite losses, or apply the policy to a non-finite step."""
         if finite:
             self.last_finite = {"iteration": it + 1, **losses}
+            self.skips.finite()
             return
         if self.cfg.train.on_nonfinite == "stop":
             raise FloatingPointError(
                 f"non-finite loss at iteration {it + 1} on at least one rank; last finite "
                 f"values: {self.last_finite}. Lower train.lr, or set train.on_nonfinite=skip")
-        self.skipped_steps += 1
-        log.warning("non-finite loss at iteration %d: step skipped (%d so far)", it + 1,
-                    self.skipped_steps)
+        self.skips.skip(it + 1)                  # fails past train.max_skipped_fraction / ..
 
     def finish(self, it: int, stop: bool) -> bool:
         """Checkpoint when due (or when stopping); True when the loop must end now (SIGUSR1)."""
@@ -157,12 +157,15 @@ class LoopControl:
         if done % self.cfg.run.save_every == 0 or done == self.cfg.train.max_iters or stop:
             self.ckpt.save(self.engine, done,
                            client_state={"iteration": done, "config": to_dict(self.cfg),
-                                         "skipped_steps": self.skipped_steps},
+                                         **self.skips.state()},
                            rank_state={"rng": rng_state(), "loader": self.loader.state_dict()})
+        if (stop or done == self.cfg.train.max_iters) and self.info.is_main:
+            print(self.skips.summary(done), flush=True)
         if stop:
             self.logger.close()
             if self.info.is_main:
-                print(f"stopping at iteration {done} on SIGUSR1 (checkpoint written)", flush=True)
+                print(f"stopping at iteration {done} on {stop_reason()} (checkpoint written)",
+                      flush=True)
             return True
         if self.stop_after is not None and done == self.stop_after:
             self.logger.close()

@@ -25,7 +25,8 @@ import time
 from epsdist import dist as D
 from epsdist import stage1
 from epsdist.checkpoint import PREEMPT_EXIT, Checkpointer, StopRequest, tag_for
-from epsdist.config import SegConfig, add_config_args, config_from_args, dump_yaml, save_config
+from epsdist.config import (SegConfig, add_config_args, config_from_args, dump_yaml, run_cli,
+                            save_config)
 from epsdist.report import write_json
 from epsdist.runloop import (LoopControl, RunLogger, batches, build_engine, export, resume,
                              seed_everything, set_lr)
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    stop = StopRequest()                                          # SIGUSR1 -> checkpoint, exit 75
+    stop = StopRequest()                                  # SIGUSR1/SIGTERM -> checkpoint, exit 75
     cfg = config_from_args(args, SegConfig)                       # 1. config
     if args.print_config:
         print(dump_yaml(cfg), end="")
@@ -157,4 +158,4 @@ def train(cfg: SegConfig, info, engine, loader, ckpt: Checkpointer, start: int, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))                 # a config error: one line, exit 2

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -285,6 +286,27 @@ def test_from_dict_directly():
     ("data.resize_long=[512,256]", "data.resize_long"),
     ("loss.bg_classes=[20]", "loss.bg_classes[0]"),
     ("loss.bg_classes=[0,-1]", "loss.bg_classes[1]"),
+    # issue #14: values that trained into garbage or failed only after the ranks started
+    ("train.momentum=5", "train.momentum"),
+    ("train.momentum=1", "train.momentum"),
+    ("train.poly_power=-1", "train.poly_power"),
+    ("train.weight_decay=-1", "train.weight_decay"),
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("loss.saliency_weight=-1", "loss.saliency_weight"),
+    ("train.lr=1e999", "train.lr"),
+    ("train.lr=.inf", "train.lr"),
+    ("loss.saliency_weight=.nan", "loss.saliency_weight"),
+    ("infer.scales=[1.0,.inf]", "infer.scales[1]"),
+    ("run.dist_timeout_s=.inf", "run.dist_timeout_s"),
+    ("run.dir=", "run.dir"),
+    ("run.dir=' '", "run.dir"),
+    ("run.panel_every=-1", "run.panel_every"),
+    ("data.resize_long=[0,10]", "data.resize_long"),
+    ("seed=-1", "seed"),
+    ("seed=5000000", "seed"),
+    ("model.output_stride=16", "model.output_stride"),
+    ("train.max_skipped_fraction=1.5", "train.max_skipped_fraction"),
+    ("train.max_consecutive_skips=0", "train.max_consecutive_skips"),
 ])
 def test_range_validation(override, path):
     with pytest.raises(ConfigError) as e:
@@ -296,6 +318,21 @@ def test_range_boundaries_accepted():
     cfg = load_config(None, ["loss.lam=0", "loss.tau=1", "train.zero_stage=3",
                              "data.resize_long=[300,300]", "loss.bg_classes=[0,19]"])
     assert cfg.loss.lam == 0.0 and cfg.train.zero_stage == 3
+    cfg = load_config(None, ["train.momentum=0", "train.weight_decay=0", "train.poly_power=0",
+                             "train.grad_clip=0", "loss.saliency_weight=0", "seed=4000000",
+                             "data.resize_long=[1,1]", "run.panel_every=0",
+                             "train.max_skipped_fraction=1", "train.max_consecutive_skips=1",
+                             "model.backbone=resnet50", "model.output_stride=16"])
+    assert cfg.train.momentum == 0.0 and cfg.model.output_stride == 16
+
+
+def test_seg_config_checks_the_shared_ranges():
+    from epsdist.config import SegConfig
+    for override, path in (("train.momentum=5", "train.momentum"), ("run.dir=", "run.dir"),
+                           ("data.scale_range=[0.5,.inf]", "data.scale_range[1]"),
+                           ("eval.crf_bi_w=.inf", "eval.crf_bi_w")):
+        with pytest.raises(ConfigError, match=re.escape(f"'{path}'")):
+            load_config(None, [override], SegConfig)
 
 
 def test_bg_classes_checked_against_num_classes_from_file(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from epsdist import dist as D
 from epsdist.dist import free_port
-from epsdist.checkpoint import Checkpointer
+from epsdist.checkpoint import Checkpointer, CheckpointError
 from epsdist.config import ConfigError, load_config
 from epsdist.data import shard, synthetic
 
@@ -72,6 +72,7 @@ def test_two_ranks_resume_equals_uninterrupted_and_loss_decreases(shards):
                               f"train.max_iters={2 * N}")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"at iteration {N}" in resumed.stdout
+    assert f"skipped steps (non-finite loss): 0 of {2 * N} iterations" in full.stdout
 
     a, b = metrics(shards / "runs/full"), metrics(shards / "runs/resumed")
     assert sorted(a) == sorted(b) == list(range(1, 2 * N + 1))
@@ -112,6 +113,7 @@ def test_data_parallel_equals_one_rank_with_the_whole_batch(tmp_path):
     ("data.num_classes=20", "data.num_classes"),
     ("model.weights=missing.params", "model.weights"),
     ("trian.lr=0.1", "trian"),
+    ("train.batch_size=161", "train.batch_size.*160 samples"),
 ])
 def test_config_errors_before_any_process_group(shards, override, message, monkeypatch):
     from epsdist import train
@@ -122,19 +124,32 @@ def test_config_errors_before_any_process_group(shards, override, message, monke
     assert not torch.distributed.is_initialized()
 
 
+def test_a_config_error_is_one_line_and_exit_2(shards):
+    out = run([sys.executable, TRAIN, "--config",
+               os.path.join(REPO, "configs", "synthetic_eps.yaml"), "data.train_shards=shards",
+               "train.momentum=5", "train.lr=1e999", "run.dir=runs/config_error"], cwd=shards)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "train.py: config error:" in lines[0]
+    assert "'train.momentum' must be in [0, 1)" in lines[0] and "'train.lr'" in lines[0]
+    assert not (shards / "runs/config_error").exists()
+
+
 # ------------------------------------------------------------------------------ units
 
 class FakeEngine:
-    """Writes and reads one file like DeepSpeed's engine; can fail half-way."""
+    """Writes and reads one file like DeepSpeed's engine; can fail half-way (``fail``: the
+    exception to raise after writing)."""
 
-    def __init__(self, fail=False):
+    def __init__(self, fail=None):
         self.fail, self.value = fail, None
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         torch.save(client_state, os.path.join(save_dir, tag, "model.pt"))
         if self.fail:
-            raise OSError("disk full")
+            raise self.fail
 
     def load_checkpoint(self, root, tag):
         return root, torch.load(os.path.join(root, tag, "model.pt"))
@@ -147,8 +162,8 @@ def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
     for it in (10, 20, 30):
         ck.save(FakeEngine(), it, {"iteration": it}, {"rng": it})
     assert sorted(os.listdir(tmp_path)) == [".partial", "iter_00000020", "iter_00000030", "latest"]
-    with pytest.raises(OSError):
-        ck.save(FakeEngine(fail=True), 40, {"iteration": 40}, {"rng": 40})
+    with pytest.raises(CheckpointError, match="writing the checkpoint .*iter_00000040.*oops"):
+        ck.save(FakeEngine(fail=OSError("oops")), 40, {"iteration": 40}, {"rng": 40})
     assert ck.latest() == str(tmp_path / "iter_00000030")     # the crash left latest intact
     assert not (tmp_path / "iter_00000040").exists()
     client, rank_state = ck.load(FakeEngine(), ck.resolve("auto"))
@@ -262,19 +277,56 @@ def test_srun_style_environment_without_a_launcher(shards):
     assert sorted(metrics(shards / "runs/srun")) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_non_finite_loss_stops_or_skips(shards, policy):
-    out = run([sys.executable, *train_cmd(f"run.dir=runs/nan_{policy}", "loss.saliency_weight=.nan",
-                                          f"train.on_nonfinite={policy}")], cwd=shards)
+@pytest.fixture(scope="module")
+def nan_weights(shards):
+    """A tiny-backbone weights file of NaNs: every step's loss is non-finite."""
+    from epsdist.models.tiny import TinyBackbone
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in TinyBackbone().state_dict().items()}
+    torch.save(state, shards / "nan.pt")
+    return f"model.weights={shards / 'nan.pt'}"
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip", "skip_allowed"])
+def test_non_finite_loss_stops_skips_or_fails_past_the_skip_limits(shards, nan_weights, policy):
+    limits = ("train.max_skipped_fraction=1", "train.max_consecutive_skips=3")
+    out = run([sys.executable, *train_cmd(f"run.dir=runs/nan_{policy}", nan_weights,
+                                          f"train.on_nonfinite={policy[:4]}",
+                                          *(limits if policy == "skip_allowed" else
+                                            ("train.max_iters=100",)))], cwd=shards)
+    export = shards / f"runs/nan_{policy}/export/model.pt"
     if policy == "stop":
         assert out.returncode != 0
         assert "non-finite loss at iteration 1" in out.stderr
-    else:
+    elif policy == "skip":                  # default limits: 5 in a row at most
+        assert out.returncode != 0
+        assert "step skipped (6 so far)" in out.stderr
+        assert "non-finite loss in 6 steps in a row (iterations 1-6)" in out.stderr
+        assert "train.max_consecutive_skips=5" in out.stderr and not export.exists()
+    else:                                   # limits raised: the run ends and says how it went
         assert out.returncode == 0, out.stderr[-3000:]
         assert "step skipped (3 so far)" in out.stderr
-        export = torch.load(shards / "runs/nan_skip/export/model.pt", weights_only=False)
-        assert all(torch.isfinite(v).all() for v in export["state_dict"].values()
-                   if v.is_floating_point())
+        assert "skipped steps (non-finite loss): 3 of 3 iterations" in out.stdout
+        assert export.exists()
+
+
+def test_skip_counter_limits_and_resumed_counts():
+    from epsdist.skips import SkipCounter
+    t = load_config(None, ["train.max_iters=100", "train.max_skipped_fraction=0.1",
+                           "train.max_consecutive_skips=2", "train.on_nonfinite=skip"]).train
+    c = SkipCounter(t)
+    for it in range(1, 15):                 # 2 skipped of every 3: never 3 in a row
+        c.finite() if it % 3 == 0 else c.skip(it)
+        assert c.skipped == it - it // 3
+    assert c.skipped == 10                  # the budget: 0.1 x 100
+    c.finite()
+    with pytest.raises(FloatingPointError, match=r"11 steps skipped .*=0\.1 x .*=100 \(10\)"):
+        c.skip(16)
+    resumed = SkipCounter(t, {"skipped_steps": 1, "consecutive_skips": 2})
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row \(iterations 5-7\)"):
+        resumed.skip(7)
+    assert SkipCounter(t, None).state() == {"skipped_steps": 0, "consecutive_skips": 0}
+    assert "0 of 100 iterations" in SkipCounter(t).summary(100)
 
 
 def test_sigusr1_checkpoints_and_exits_75_then_resume_finishes(shards):
@@ -304,3 +356,166 @@ def test_sigusr1_checkpoints_and_exits_75_then_resume_finishes(shards):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at iteration {stopped}" in resumed.stdout
     assert sorted(metrics(run_dir))[-1] == stopped + 2
+
+
+# ------------------------------------------------------------------------------ faults (#14)
+
+def _single():
+    return D.DistInfo(0, 0, 1, "gloo", torch.device("cpu"), "single")
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, caplog):
+    ck = Checkpointer(str(tmp_path), _single(), keep_last=3)
+    for it in (10, 20, 30):
+        ck.save(FakeEngine(), it, {"iteration": it}, {"rng": it})
+    files = json.loads((tmp_path / "iter_00000030" / "files.json").read_text())["files"]
+    assert set(files) == {"model.pt", "rank00000.pt"}
+    assert files["model.pt"]["size"] == os.path.getsize(tmp_path / "iter_00000030" / "model.pt")
+    model30 = tmp_path / "iter_00000030" / "model.pt"
+    model30.write_bytes(model30.read_bytes()[:-20])                  # truncated
+    rank20 = tmp_path / "iter_00000020" / "rank00000.pt"
+    data = bytearray(rank20.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                     # same size, one bit flipped
+    rank20.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="epsdist.checkpoint"):
+        path = ck.resolve("auto")
+    assert path == str(tmp_path / "iter_00000010")
+    assert str(model30) in caplog.text and "bytes" in caplog.text
+    assert str(rank20) in caplog.text and "SHA-256" in caplog.text
+    client, rank_state = ck.load(FakeEngine(), path)
+    assert client == {"iteration": 10} and rank_state == {"rng": 10}
+    with pytest.raises(CheckpointError, match=f"{model30}"):        # named explicitly: no fallback
+        ck.resolve(str(tmp_path / "iter_00000030"))
+    (tmp_path / "iter_00000010" / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*--resume none"):
+        ck.resolve("auto")
+
+
+def test_load_errors_name_the_file(tmp_path):
+    ck = Checkpointer(str(tmp_path), _single(), keep_last=3)
+    ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+    path = tmp_path / "iter_00000010"
+    (path / "files.json").unlink()                   # unverified (an older checkpoint)
+    rank = path / "rank00000.pt"
+    rank.write_bytes(rank.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"cannot load {rank}"):
+        ck.load(FakeEngine(), ck.resolve("auto"))
+    model = path / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{model} is not a complete torch file"):
+        ck.load(FakeEngine(), str(path))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("basic_ios::clear: iostream error"),
+                                   OSError(28, "No space left on device")])
+def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, error):
+    import shutil
+    from collections import namedtuple
+    ck = Checkpointer(str(tmp_path), _single(), keep_last=3)
+    ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 0))
+    with pytest.raises(CheckpointError) as e:
+        ck.save(FakeEngine(fail=error), 20, {"iteration": 20}, {"rng": 20})
+    partial = tmp_path / ".partial" / "iter_00000020"
+    assert f"no space left on device while writing {partial}" in str(e.value)
+    assert not partial.exists()                       # the space is given back
+    assert ck.resolve("auto") == str(tmp_path / "iter_00000010")
+    # the per-rank state, written by epsdist itself, names its own file
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).startswith(str(tmp_path / ".partial")) and "rank" in os.path.basename(str(f)):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="no space left on device while writing "
+                       f"{tmp_path / '.partial' / 'iter_00000030' / 'rank00000.pt'}"):
+        ck.save(FakeEngine(), 30, {"iteration": 30}, {"rng": 30})
+    assert (tmp_path / "latest").read_text().strip() == "iter_00000010"
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    """Everything written through a temporary file gets 0o666 & ~umask, not mkstemp's 0600."""
+    from epsdist import atomic, evaluate
+    from epsdist.checkpoint import atomic_torch_save
+    from epsdist.config import EPSConfig, save_config
+    from epsdist.data.manifest import atomic_write_bytes, write_manifest
+    from epsdist.models.mxnet_params import save_mxnet_params
+    old = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):
+            os.umask(umask)
+            assert atomic.current_umask() == umask
+            d = tmp_path / oct(umask)
+            d.mkdir()
+            save_config(EPSConfig(), str(d / "config.yaml"))
+            write_manifest(str(d), {"format": 1})
+            evaluate.write_json(str(d / "report.json"), {"a": 1})
+            atomic_write_bytes(str(d / "mask.png"), b"png")
+            atomic_torch_save({"x": 1}, str(d / "model.pt"))
+            save_mxnet_params(str(d / "w.params"), {"a": torch.zeros(2)})
+            ck = Checkpointer(str(d / "ck"), _single(), keep_last=1)
+            ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+            written = [p for p in d.rglob("*") if p.is_file()]
+            assert len(written) == 10, written
+            for p in written:
+                assert p.stat().st_mode & 0o777 == mode, (p, oct(p.stat().st_mode))
+    finally:
+        os.umask(old)
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_checkpoint_and_exit_when_the_launcher_alone_is_signalled(shards):
+    """SIGTERM to the `deepspeed` command only (not its process group): DeepSpeed's runner
+    exits at once and leaves its per-node launch.py and the ranks running; the ranks notice
+    (epsdist.dist.watch_launcher), checkpoint and exit 75 instead of training on as orphans."""
+    import re
+    import signal
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *train_cmd(
+        "run.dir=runs/orphans", "run.save_every=1000", "train.max_iters=400")]
+    proc = subprocess.Popen(cmd, cwd=shards, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir, ranks = shards / "runs/orphans", []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2:
+                break
+            time.sleep(0.2)
+        ranks = [r for launch in _children(proc.pid) for r in _children(launch)]
+        assert len(ranks) == 2, ranks                       # deepspeed -> launch.py -> ranks
+        proc.send_signal(signal.SIGTERM)                    # the launcher alone
+        out, err = proc.communicate(timeout=120)            # EOF: every rank has exited
+        assert not any(_running(r) for r in ranks)
+        stopped = int(re.search(r"stopping at iteration (\d+) on SIGTERM \(checkpoint "
+                                r"written\)", out).group(1))
+        assert (run_dir / "checkpoints/latest").read_text().strip() == f"iter_{stopped:08d}"
+        assert sorted(metrics(run_dir))[-1] == stopped < 400
+    finally:
+        for pid in ranks + [proc.pid]:                      # only what this test started
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

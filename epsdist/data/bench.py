@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ..atomic import atomic_write_text
 from .augment import TrainAugment
 from .loader import ShardLoader, decode_sample
 from .manifest import FORMAT, iter_tar_samples, read_manifest, sha256_file, write_manifest
@@ -195,9 +196,7 @@ def main(argv=None) -> int:
             results["rows"].append({"what": f"loader w{w}", "samples_per_s": rate})
             print(f"  {f'ShardLoader, {w} workers':28s} {rate:8.1f} samples/s")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_text(args.json, json.dumps(results, indent=1))
     return 0
 
 

@@ -25,9 +25,9 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from typing import Callable, Iterator
 
+from ..atomic import atomic_write_bytes  # noqa: F401  (re-exported: one atomic writer)
 from .safepath import shard_name_problem, shard_path
 
 FORMAT = "epsdist-shards/1"
@@ -70,20 +70,6 @@ def shard_digest_problem(path: str, expected: str) -> str | None:
                                 f"sha256 mismatch {os.path.basename(path)}: {digest[:12]}... "
                                 f"!= manifest {expected[:12]}... (modified or damaged shard)")
     return _DIGEST_CHECKED[key]
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_manifest(directory: str, manifest: dict) -> None:

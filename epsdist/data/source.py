@@ -49,6 +49,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from webdataset.gopen import gopen, gopen_schemes
 
+from ..atomic import file_mode
 from ..config import DEFAULT_HTTP_COMMAND, DataConfig
 from .manifest import (MANIFEST, ManifestError, check_manifest, check_shard_name, iter_tar_samples,
                        sha256_file)
@@ -342,9 +343,7 @@ def fetch_file(url: str, path: str, fetch: FetchOptions, sha256: str | None = No
             elif sha256 is not None and h.hexdigest() != sha256:
                 problem = "sha256 of the fetched file differs from the manifest"
             else:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
+                os.chmod(tmp, file_mode())          # the umask's mode (epsdist.atomic)
                 os.replace(tmp, path)
                 return
         except OSError as e:

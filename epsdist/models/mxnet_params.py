@@ -31,10 +31,11 @@ import math
 import os
 import re
 import struct
-import tempfile
 from typing import Mapping
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 __all__ = [
     "MXNetFormatError", "load_mxnet_params", "save_mxnet_params",
@@ -211,11 +212,8 @@ def save_mxnet_params(path, arrays: Mapping[str, object], *, version: str = "v2"
                          f"got {version!r}")
     path = os.fspath(path)
     items = [(str(k), _as_numpy(k, v)) for k, v in arrays.items()]
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:       # temp file + rename, umask mode, fsync
+        with open(tmp, "wb") as f:
             f.write(struct.pack("<QQQ", LIST_MAGIC, 0, len(items)))
             for name, arr in items:
                 shape = arr.shape
@@ -240,15 +238,6 @@ def save_mxnet_params(path, arrays: Mapping[str, object], *, version: str = "v2"
                 raw = name.encode("utf-8")
                 f.write(struct.pack("<Q", len(raw)))
                 f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # ----------------------------------------------------------------------------- ResNet-38 names
