@@ -70,6 +70,9 @@ class ModelConfig:
     weights: str = "none"  # path to ImageNet weights, or "none" for random init
     output_stride: int = 8
     eps_head: bool = True  # True: C+1 maps (EPS); False: C maps (CAM baseline)
+    # CAM baseline only (eps_head false): channel dropout (Dropout2d) on the last feature map,
+    # before the 1x1 classifier, as the released classification network; EPS models have none
+    cam_dropout: float = 0.5
 
 
 @dataclass
@@ -91,7 +94,7 @@ class TrainConfig:
     max_iters: int = 20000
     batch_size: int = 8  # per rank
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # the stage-1 paper recipes set 0.0005, as the released run (README)
     weight_decay: float = 5e-4
     poly_power: float = 0.9  # lr = base_lr * (1 - it / max_iters) ** poly_power
     grad_accum: int = 1
@@ -130,6 +133,8 @@ class EPSConfig:
         errors = []
         need = _collector(errors)
         _validate_common(need, self)
+        need(0.0 <= self.model.cam_dropout < 1.0, "model.cam_dropout", "in [0, 1)",
+             self.model.cam_dropout)
         need(0.0 <= self.loss.lam <= 1.0, "loss.lam", "in [0, 1]", self.loss.lam)
         need(0.0 <= self.loss.tau <= 1.0, "loss.tau", "in [0, 1]", self.loss.tau)
         need(self.loss.strategy != "predefined" or self.loss.bg_classes, "loss.bg_classes",
