@@ -114,6 +114,9 @@ class InferConfig:
     flip: bool = True  # also run each scale horizontally flipped
     bg_threshold: float = 0.2  # background score against the max-normalised class maps
     impl: Literal["auto", "torch", "triton"] = "auto"  # CAM post-processing kernel
+    # the network's forward on CUDA: fp32 (as the released run) or bf16 autocast; until a GPU
+    # measurement shows bf16 leaves the pseudo-mask mIoU unchanged, the recipes keep fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass

@@ -38,7 +38,8 @@ from PIL import Image
 
 from epsdist import dist as D
 from epsdist.config import ModelConfig, add_config_args, config_from_args, dump_yaml, from_dict
-from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
+from epsdist.data.augment import (DecodeError, decode_gray, decode_rgb, normalize_images,
+                                  resize_bicubic)
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, iter_tar_samples, read_manifest,
                                    sha256_file, shard_paths, voc_palette, write_manifest)
@@ -83,15 +84,17 @@ def build_inference_model(export: dict, device: torch.device) -> torch.nn.Module
 
 
 @torch.no_grad()
-def view_maps(model, image: torch.Tensor, scales, flip: bool, eps: bool):
-    """Per-view maps of one normalised image (1, 3, H, W): softmax over C+1 (EPS) or ReLU'd
-    CAMs, one scale per forward pass with its flip in the same batch."""
+def view_maps(model, image: torch.Tensor, scales, flip: bool, eps: bool,
+              precision: str = "fp32"):
+    """Per-view maps of one uint8 image (1, 3, H, W): softmax over C+1 (EPS) or ReLU'd CAMs,
+    one scale per forward pass with its flip in the same batch. Each scale is resized as the
+    authors did, PIL's antialiased bicubic of the 0..255 image (``resize_bicubic``), then
+    normalised. ``precision`` "bf16": bf16 autocast on CUDA (``infer.precision``)."""
     H, W = image.shape[2:]
     views, flips = [], []
-    autocast = image.device.type == "cuda"
+    autocast = image.device.type == "cuda" and precision == "bf16"
     for s in scales:
-        x = F.interpolate(image, size=(max(1, round(H * s)), max(1, round(W * s))),
-                          mode="bilinear", align_corners=False)
+        x = normalize_images(resize_bicubic(image, (max(1, round(H * s)), max(1, round(W * s)))))
         if flip:
             x = torch.cat([x, x.flip(-1)])
         if image.device.type == "cuda":
@@ -207,8 +210,7 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
         print(f"skipping {key}: {type(e).__name__}: {e}", file=sys.stderr)
         return False
     x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)
-    x, _ = normalize_batch(x, torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device))
-    views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps)
+    views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps, icfg.precision)
     need_norm = args.cams or want_panel
     mask, norm, classes = cam_to_mask(views, flips, labels, tuple(image.shape[:2]),
                                       icfg.bg_threshold, return_norm=need_norm, impl=icfg.impl)
