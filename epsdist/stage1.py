@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dist as D
-from .config import ConfigError, EPSConfig
+from .config import ConfigError, EPSConfig, resolve_batch
 from .data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
 from .data.loader import ShardLoader
 from .data.manifest import ManifestError, read_manifest
@@ -32,8 +32,10 @@ log = logging.getLogger("epsdist.train")
 
 # ------------------------------------------------------------------------------ checks
 
-def check_config(cfg: EPSConfig) -> dict:
-    """Everything that can be checked before a process group starts; returns the manifest."""
+def check_config(cfg: EPSConfig, world_size: int | None = None) -> tuple[EPSConfig, dict]:
+    """Everything that can be checked before a process group starts. Returns the config with
+    the per-rank micro-batch and accumulation derived from ``train.global_batch_size`` and the
+    rank count (``resolve_batch``; the launcher's WORLD_SIZE unless given), and the manifest."""
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give the shard directory "
                           "written by `python -m epsdist.data.shard`")
@@ -48,7 +50,13 @@ def check_config(cfg: EPSConfig) -> dict:
     if cfg.model.weights != "none" and not os.path.isfile(cfg.model.weights):
         raise ConfigError(f"config key 'model.weights': no file {cfg.model.weights!r} (give "
                           f"the path of the ImageNet weights, or 'none' to train from scratch)")
-    return manifest
+    if world_size is None:
+        world_size = int(D.launcher_env()[0]["WORLD_SIZE"])
+    cfg = resolve_batch(cfg, world_size)
+    if manifest["num_samples"] < cfg.train.global_batch_size:
+        raise ConfigError(f"data.train_shards holds {manifest['num_samples']} samples: fewer "
+                          f"than train.global_batch_size={cfg.train.global_batch_size}")
+    return cfg, manifest
 
 
 # ------------------------------------------------------------------------------ build
@@ -73,8 +81,10 @@ def deepspeed_config(cfg: EPSConfig, info: D.DistInfo) -> dict:
 
     bf16 runs as autocast over float32 weights (the step does it); fp16 uses DeepSpeed's
     fp16 mode with dynamic loss scaling; ZeRO stages 0-2 partition optimizer state/gradients.
+    The micro-batch and accumulation come from ``resolve_batch`` for ``info.world_size`` ranks,
+    so ``train_batch_size`` is ``train.global_batch_size`` at any rank count.
     """
-    t = cfg.train
+    t = resolve_batch(cfg, info.world_size).train
     ds = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -172,17 +182,44 @@ def reduce_losses(parts: list[torch.Tensor], loss: torch.Tensor, info: D.DistInf
     return means, bad == 0, stops > 0
 
 
-def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo,
+def accumulated_step(engine, batches, losses, info: D.DistInfo, stop: bool = False):
+    """One optimizer step over the iteration's micro-batches (``train.grad_accum`` of them, a
+    list; a single batch is a list of one), for both stages: per micro-batch ``losses(batch)
+    -> (loss, [terms], output)``, the collective finiteness/stop check (``reduce_losses``),
+    backward and DeepSpeed's step, which scales each micro-batch's loss by 1 / grad_accum and
+    updates the weights after the last one. With accumulation a non-finite micro-batch adds no
+    gradient (a zero backward keeps DeepSpeed's micro-step count); without, the step is
+    skipped. Returns (the terms' means over ranks and micro-batches, all finite, stop, the last
+    output)."""
+    if not isinstance(batches, (list, tuple)):
+        batches = [batches]
+    sums, all_finite, out = None, True, None
+    for batch in batches:
+        loss, terms, out = losses(batch)
+        means, finite, stop = reduce_losses(terms, loss, info, stop)
+        sums = means if sums is None else [a + b for a, b in zip(sums, means)]
+        all_finite = all_finite and finite
+        if finite:
+            engine.backward(loss)
+        elif len(batches) > 1:
+            engine.backward(sum(p.sum() for p in engine.module.parameters()
+                                if p.requires_grad) * 0.0)
+        if finite or len(batches) > 1:
+            engine.step()
+    return [v / len(batches) for v in sums], all_finite, stop, out
+
+
+def train_step(engine, batches, cfg: EPSConfig, info: D.DistInfo,
                stop: bool = False) -> StepResult:
-    """Forward, the collective finiteness/stop check (``reduce_losses``), backward, step."""
-    cam, loss_cls, loss_sal = forward_losses(engine, batch, cfg, info)
-    loss = loss_cls + cfg.loss.saliency_weight * loss_sal
-    (loss_cls_mean, loss_sal_mean), finite, stop = reduce_losses([loss_cls, loss_sal], loss,
-                                                                info, stop)
-    if finite:
-        engine.backward(loss)
-        engine.step()
-    return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach(), stop)
+    """One optimizer step (``accumulated_step``): forward, losses, the collective
+    finiteness/stop check, backward, step."""
+    def losses(batch):
+        cam, loss_cls, loss_sal = forward_losses(engine, batch, cfg, info)
+        return loss_cls + cfg.loss.saliency_weight * loss_sal, [loss_cls, loss_sal], cam.detach()
+
+    (loss_cls, loss_sal), finite, stop, cam = accumulated_step(engine, batches, losses, info,
+                                                               stop)
+    return StepResult(loss_cls, loss_sal, finite, cam, stop)
 
 
 # ------------------------------------------------------------------------------ loop control
@@ -274,7 +311,7 @@ class RunLogger:
 
     ``step`` logs a stage-1 ``StepResult``; ``record`` takes any dict of losses (the
     segmentation stage), ``scalars`` any other numbers (validation results). ``cfg`` needs
-    ``run.log_every``, ``train.max_iters`` and ``train.batch_size``."""
+    ``run.log_every``, ``train.max_iters``, ``train.batch_size`` and ``train.grad_accum``."""
 
     def __init__(self, run_dir: str, info: D.DistInfo, cfg: EPSConfig, start: int):
         self.info, self.cfg = info, cfg
@@ -303,7 +340,8 @@ class RunLogger:
         if not ((it + 1) % self.cfg.run.log_every == 0 or last):
             return
         elapsed = time.perf_counter() - self.window_start
-        imgs = self.window_iters * self.cfg.train.batch_size * self.info.world_size
+        imgs = (self.window_iters * self.cfg.train.batch_size * self.cfg.train.grad_accum
+                * self.info.world_size)
         rate = imgs / max(elapsed, 1e-9)
         wait = self.wait / max(elapsed, 1e-9)
         eta = (self.cfg.train.max_iters - it - 1) * elapsed / self.window_iters

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import dist as D
 from .. import stage1
-from ..config import ConfigError, SegConfig
+from ..config import ConfigError, SegConfig, resolve_batch
 from ..data.augment import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegAugment
 from ..data.loader import ShardLoader
 from ..data.manifest import SEG_FIELD, ManifestError, read_manifest
@@ -50,22 +50,6 @@ def _shards(cfg: SegConfig, key: str, what: str) -> dict:
                           f"shards in {path} (data.{key}) have {len(manifest['classes'])} "
                           f"classes {list(manifest['classes'])}")
     return manifest
-
-
-def resolve_batch(cfg: SegConfig, world_size: int) -> SegConfig:
-    """With ``train.global_batch_size`` > 0: ``train.batch_size`` = global / (ranks x
-    grad_accum), which must be a whole number."""
-    t = cfg.train
-    if t.global_batch_size <= 0:
-        return cfg
-    per, rest = divmod(t.global_batch_size, world_size * t.grad_accum)
-    if per < 1 or rest:
-        raise ConfigError(
-            f"config key 'train.global_batch_size' is {t.global_batch_size}, which {world_size} "
-            f"ranks x train.grad_accum={t.grad_accum} cannot split into equal per-rank batches; "
-            f"use a multiple of {world_size * t.grad_accum}, or set train.global_batch_size=0 "
-            f"and train.batch_size (per rank)")
-    return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=per))
 
 
 def crf_available() -> bool:
@@ -137,20 +121,21 @@ class SegStep:
     stop: bool = False          # some rank got SIGUSR1: checkpoint and exit
 
 
-def train_step(engine, batch, cfg: SegConfig, info: D.DistInfo, stop: bool = False) -> SegStep:
-    """Forward, loss, the collective finiteness check of stage 1, backward, optimizer step."""
-    image = batch.image
-    if info.device.type == "cuda" and cfg.train.channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    autocast = stage1.precision(cfg, info) == "bf16"
-    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = engine(image)
-    loss = seg_loss(logits, batch.mask)
-    (mean,), finite, stop = stage1.reduce_losses([loss], loss, info, stop)
-    if finite:
-        engine.backward(loss)
-        engine.step()
-    return SegStep(mean, finite, logits.detach(), stop)
+def train_step(engine, batches, cfg: SegConfig, info: D.DistInfo, stop: bool = False) -> SegStep:
+    """One optimizer step over the iteration's micro-batches (``stage1.accumulated_step``):
+    forward, loss, the collective finiteness check of stage 1, backward, optimizer step."""
+    def losses(batch):
+        image = batch.image
+        if info.device.type == "cuda" and cfg.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        autocast = stage1.precision(cfg, info) == "bf16"
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = engine(image)
+        loss = seg_loss(logits, batch.mask)
+        return loss, [loss], logits.detach()
+
+    (mean,), finite, stop, logits = stage1.accumulated_step(engine, batches, losses, info, stop)
+    return SegStep(mean, finite, logits, stop)
 
 
 # ------------------------------------------------------------------------------ panels
