@@ -83,6 +83,9 @@ class ModelConfig:
     weights: str = "none"  # path to ImageNet weights, or "none" for random init
     output_stride: int = 8
     eps_head: bool = True  # True: C+1 maps (EPS); False: C maps (CAM baseline)
+    # CAM baseline only (eps_head false): channel dropout (Dropout2d) on the last feature map,
+    # before the 1x1 classifier, as the released classification network; EPS models have none
+    cam_dropout: float = 0.5
 
 
 @dataclass
@@ -102,12 +105,19 @@ class TrainConfig:
     """Optimisation schedule, precision and DeepSpeed ZeRO settings."""
 
     max_iters: int = 20000
-    batch_size: int = 8  # per rank
+    # the images of one optimizer step over all ranks (the paper's: 8 VOC, 16 COCO), whatever
+    # the rank count: each rank takes global / ranks of them (which must divide), in
+    # micro-batches of at most micro_batch_size (0: no cap) with gradient accumulation
+    global_batch_size: int = 8
+    micro_batch_size: int = 0
+    # derived by the trainer from the two above and the rank count (resolve_batch), saved in
+    # run.dir/config.yaml: leave them out of recipes (a value that disagrees is an error)
+    batch_size: int = 0  # the per-rank micro-batch
+    grad_accum: int = 0  # micro-batches per optimizer step
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # the stage-1 paper recipes set 0.0005, as the released run (README)
     weight_decay: float = 5e-4
     poly_power: float = 0.9  # lr = base_lr * (1 - it / max_iters) ** poly_power
-    grad_accum: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
@@ -130,6 +140,9 @@ class InferConfig:
     impl: Literal["auto", "torch", "triton"] = "auto"  # CAM post-processing kernel
     compile: bool = False  # torch.compile the model for inference (off until measured)
     max_side: int = 1024  # larger images run at this long side; the mask is resized back
+    # the network's forward on CUDA: fp32 (as the released run) or bf16 autocast; until a GPU
+    # measurement shows bf16 leaves the pseudo-mask mIoU unchanged, the recipes keep fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -149,6 +162,10 @@ class EPSConfig:
         errors = []
         need = _collector(errors)
         _validate_common(need, self)
+        need(self.train.global_batch_size >= 1, "train.global_batch_size", ">= 1 (the images "
+             "of one optimizer step over all ranks)", self.train.global_batch_size)
+        need(0.0 <= self.model.cam_dropout < 1.0, "model.cam_dropout", "in [0, 1)",
+             self.model.cam_dropout)
         need(0.0 <= self.loss.lam <= 1.0, "loss.lam", "in [0, 1]", self.loss.lam)
         need(0.0 <= self.loss.tau <= 1.0, "loss.tau", "in [0, 1]", self.loss.tau)
         need(self.loss.strategy != "predefined" or self.loss.bg_classes, "loss.bg_classes",
@@ -220,9 +237,11 @@ def _validate_common(need, cfg) -> None:
     """The checks of the sections both stages have (run, and the shared data/train keys)."""
     _validate_ranges(need, cfg)
     r, d, t = cfg.run, cfg.data, cfg.train
-    need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
+    need(t.batch_size >= 0, "train.batch_size", ">= 0", t.batch_size)
     need(t.max_iters >= 1, "train.max_iters", ">= 1", t.max_iters)
-    need(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+    need(t.grad_accum >= 0, "train.grad_accum", ">= 0", t.grad_accum)
+    need(t.micro_batch_size >= 0, "train.micro_batch_size", ">= 0 (0: no per-rank cap)",
+         t.micro_batch_size)
     need(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", "one of 0, 1, 2, 3", t.zero_stage)
     need(t.lr > 0, "train.lr", "> 0", t.lr)
     need(d.num_classes >= 1, "data.num_classes", ">= 1", d.num_classes)
@@ -279,12 +298,9 @@ class SegTrainConfig(TrainConfig):
     """TrainConfig with the DeepLab-v2 defaults and a total batch size."""
 
     max_iters: int = 20000
-    batch_size: int = 5  # per rank (replaced when global_batch_size > 0)
+    global_batch_size: int = 10  # the DeepLab-v2 recipe; 0: train.batch_size per rank
     lr: float = 2.5e-4  # backbone; the classifier gets 10x (weights) / 20x (biases)
     weight_decay: float = 5e-4
-    # > 0: the total batch over all ranks; per-rank batch = global / (ranks * grad_accum),
-    # which must divide exactly (the DeepLab-v2 recipe: 10)
-    global_batch_size: int = 0
 
 
 @dataclass
@@ -324,6 +340,8 @@ class SegConfig:
         t, d, m, e = self.train, self.data, self.model, self.eval
         need(t.global_batch_size >= 0, "train.global_batch_size", ">= 0 (0: use "
              "train.batch_size per rank)", t.global_batch_size)
+        need(t.global_batch_size > 0 or t.batch_size >= 1, "train.batch_size", ">= 1 (per "
+             "rank) when train.global_batch_size is 0", t.batch_size)
         lo, hi = d.scale_range
         need(0 < lo <= hi, "data.scale_range", "[lo, hi] with 0 < lo <= hi", list(d.scale_range))
         need(len(m.aspp_rates) > 0 and all(r >= 1 for r in m.aspp_rates), "model.aspp_rates",
@@ -347,6 +365,46 @@ class SegConfig:
         need(e.max_images >= 0, "eval.max_images", ">= 0 (0: all)", e.max_images)
         if errors:
             raise ConfigError("\n".join(errors))
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+def resolve_batch(cfg, world_size: int):
+    """``cfg`` with ``train.batch_size`` (the per-rank micro-batch) and ``train.grad_accum``
+    (micro-batches per optimizer step) derived from ``train.global_batch_size`` over
+    ``world_size`` ranks, for both stages: each rank takes global / ranks images per step,
+    which must divide; with ``train.micro_batch_size`` > 0 and a larger per-rank share, the
+    fewest micro-batches of at most that size that split it evenly. A ConfigError names the
+    numbers when they cannot divide, or when a given batch_size / grad_accum disagrees.
+    ``train.global_batch_size`` 0 (the segmentation stage only): ``train.batch_size`` per
+    rank as given."""
+    t = cfg.train
+    g = t.global_batch_size
+    if g == 0:
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=t.grad_accum
+                                                                  or 1))
+    per_rank, rest = divmod(g, world_size)
+    if per_rank < 1 or rest:
+        raise ConfigError(
+            f"config key 'train.global_batch_size' is {g}, which {world_size} ranks cannot "
+            f"split into equal per-rank batches: run on a number of ranks that divides {g}, "
+            f"or set train.global_batch_size to a multiple of {world_size} (a different "
+            f"recipe)")
+    cap = t.micro_batch_size or per_rank
+    accum = next(a for a in range(-(-per_rank // cap), per_rank + 1) if per_rank % a == 0)
+    micro = per_rank // accum
+    if t.batch_size not in (0, micro) or t.grad_accum not in (0, accum):
+        raise ConfigError(
+            f"config keys 'train.batch_size' ({t.batch_size}) and 'train.grad_accum' "
+            f"({t.grad_accum}) are derived: train.global_batch_size={g} over {world_size} ranks"
+            + (f" with train.micro_batch_size={t.micro_batch_size}" if t.micro_batch_size
+               else "")
+            + f" gives batch_size={micro}, grad_accum={accum}. Remove them; set "
+              f"train.global_batch_size for the images per step and train.micro_batch_size "
+              f"to cap the per-rank batch (gradient accumulation)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, batch_size=micro,
+                                                              grad_accum=accum))
 
 
 # ----------------------------------------------------------------------------- checking

@@ -60,7 +60,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"eps": "configs/synthetic_eps.yaml", "cam": "configs/synthetic_cam.yaml",
            "seg": "configs/synthetic_seg.yaml"}
 METHODS = (("cam", "CAM baseline"), ("eps", "EPS"))
-STAGE1_GLOBAL_BATCH = 16          # synthetic_eps / synthetic_cam: 8 per rank on 2 ranks
+STAGE1_GLOBAL_BATCH = 16          # synthetic_eps / synthetic_cam: train.global_batch_size
 SEG_GLOBAL_BATCH = 8              # synthetic_seg: train.global_batch_size
 SUBDIRS = ("data", "shards", "runs", "pseudo", "logs")
 MARKER = ".epsdist-demo"          # a directory the demo made, whose SUBDIRS it may replace
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
               flush=True)
     thresholds = {"eps": a.eps_threshold, "cam": a.cam_threshold}
     configs = {m: rel(getattr(a, f"{m}_config")) for m in CONFIGS}
-    stage1_batch = -(-STAGE1_GLOBAL_BATCH // ranks)
+    stage1_batch = ranks * -(-STAGE1_GLOBAL_BATCH // ranks)
     seg_batch = ranks * -(-SEG_GLOBAL_BATCH // ranks)
     try:
         py, ds = sys.executable, deepspeed_bin()
@@ -302,8 +302,8 @@ def main(argv=None) -> int:
         for m, label in reversed(METHODS):                         # EPS first, then CAM
             over = [f"data.train_shards={d['shards']}/train", f"run.dir={d['runs']}/{m}",
                     f"seed={a.seed}"]
-            if ranks != 2:
-                over.append(f"train.batch_size={stage1_batch}")
+            if stage1_batch != STAGE1_GLOBAL_BATCH:
+                over.append(f"train.global_batch_size={stage1_batch}")
             if a.iters is not None:
                 over.append(f"train.max_iters={a.iters}")
             runner.run(f"train_{m}", launch("train.py") + ["--config", configs[m], *over])

@@ -46,19 +46,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from epsdist import dist as D
-from epsdist.config import (ModelConfig, add_config_args, config_from_args, dump_yaml, from_dict,
-                            to_dict)
-from epsdist.data.augment import DecodeError, decode_gray, decode_rgb, normalize_batch
+from epsdist.cams import build_inference_model, load_export, view_maps
+from epsdist.config import add_config_args, config_from_args, dump_yaml, to_dict
+from epsdist.data.augment import DecodeError, decode_gray, decode_rgb
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, read_manifest, sha256_file,
                                    write_manifest)
 from epsdist.data.masks import PALETTE, encode_mask
 from epsdist.data.source import fetch_options, is_remote, iter_shard, redact
+from epsdist.data.safepath import key_path, key_problem, shard_path
 from epsdist.infer_guard import (StaleOutput, check_resumable, clear_previous, inference_state,
                                  model_config_notice, working_size, write_state)
-from epsdist.data.safepath import key_path, key_problem, shard_path
-from epsdist.models import build_model
-from epsdist.safeload import safe_torch_load
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
@@ -77,52 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="exit 0 even if some images were skipped")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return ap.parse_intermixed_args(argv)        # overrides before and after the options
-
-
-def load_export(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint {path}: no such file (expected RUN/export/model.pt "
-                                f"written by epsdist/train.py)")
-    export = safe_torch_load(path, "--checkpoint")
-    missing = {"state_dict", "config", "classes", "num_maps"} - set(export)
-    if missing:
-        raise ValueError(f"--checkpoint {path}: not an epsdist export (missing {sorted(missing)})")
-    return export
-
-
-def build_inference_model(export: dict, device: torch.device,
-                          compile: bool = False) -> torch.nn.Module:
-    """The exported stage-1 model in eval mode on ``device`` (channels_last on CUDA), through
-    ``torch.compile`` when ``compile`` (``infer.compile``)."""
-    model_cfg = from_dict(ModelConfig, {**export["config"]["model"], "weights": "none"})
-    model = build_model(model_cfg, len(export["classes"]), log=lambda m: None)
-    model.load_state_dict(export["state_dict"])
-    model = model.to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
-
-
-@torch.no_grad()
-def view_maps(model, image: torch.Tensor, scales, flip: bool, eps: bool):
-    """Per-view maps of one normalised image (1, 3, H, W): softmax over C+1 (EPS) or ReLU'd
-    CAMs, one scale per forward pass with its flip in the same batch."""
-    H, W = image.shape[2:]
-    views, flips = [], []
-    autocast = image.device.type == "cuda"
-    for s in scales:
-        x = F.interpolate(image, size=(max(1, round(H * s)), max(1, round(W * s))),
-                          mode="bilinear", align_corners=False)
-        if flip:
-            x = torch.cat([x, x.flip(-1)])
-        if image.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(x).float()
-        out = torch.softmax(out, dim=1) if eps else torch.relu(out)
-        views += list(out)
-        flips += [False, True][:len(out)]
-    return views, flips
 
 
 def panel(image: np.ndarray, sal: np.ndarray | None, norm: np.ndarray, mask: np.ndarray,
@@ -268,8 +220,7 @@ def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_t
     h, w = working_size(H, W, icfg.max_side)
     work = image if (h, w) == (H, W) else resize(image, h, w, Image.BILINEAR)
     x = torch.from_numpy(work).permute(2, 0, 1)[None].to(device)
-    x, _ = normalize_batch(x, torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device=device))
-    views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps)
+    views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps, icfg.precision)
     need_norm = args.cams or want_panel
     mask, norm, classes = cam_to_mask(views, flips, labels, (h, w),
                                       icfg.bg_threshold, return_norm=need_norm, impl=icfg.impl)

@@ -109,6 +109,33 @@ def export(cfg, info, engine, manifest: dict) -> None:
     print(f"exported {path}", flush=True)
 
 
+def accumulated_step(engine, batches, losses, info: D.DistInfo, stop: bool = False):
+    """One optimizer step over the iteration's micro-batches (``train.grad_accum`` of them, a
+    list; a single batch is a list of one), for both stages: per micro-batch ``losses(batch)
+    -> (loss, [terms], output)``, the collective finiteness/stop check (``reduce_losses``),
+    backward and DeepSpeed's step, which scales each micro-batch's loss by 1 / grad_accum and
+    updates the weights after the last one. With accumulation a non-finite micro-batch adds no
+    gradient (a zero backward keeps DeepSpeed's micro-step count); without, the step is
+    skipped. Returns (the terms' means over ranks and micro-batches, all finite, stop, the last
+    output)."""
+    if not isinstance(batches, (list, tuple)):
+        batches = [batches]
+    sums, all_finite, out = None, True, None
+    for batch in batches:
+        loss, terms, out = losses(batch)
+        means, finite, stop = reduce_losses(terms, loss, info, stop)
+        sums = means if sums is None else [a + b for a, b in zip(sums, means)]
+        all_finite = all_finite and finite
+        if finite:
+            engine.backward(loss)
+        elif len(batches) > 1:
+            engine.backward(sum(p.sum() for p in engine.module.parameters()
+                                if p.requires_grad) * 0.0)
+        if finite or len(batches) > 1:
+            engine.step()
+    return [v / len(batches) for v in sums], all_finite, stop, out
+
+
 # ------------------------------------------------------------------------------ one iteration
 
 def reduce_losses(parts: list[torch.Tensor], loss: torch.Tensor, info: D.DistInfo,
@@ -182,7 +209,7 @@ class RunLogger:
 
     ``record`` takes the stage's dict of losses (``stage1.log_values``, ``seg.step.log_values``),
     ``scalars`` any other numbers (validation results). ``cfg`` needs
-    ``run.log_every``, ``train.max_iters`` and ``train.batch_size``."""
+    ``run.log_every``, ``train.max_iters``, ``train.batch_size`` and ``train.grad_accum``."""
 
     def __init__(self, run_dir: str, info: D.DistInfo, cfg, start: int):
         self.info, self.cfg = info, cfg
@@ -205,7 +232,8 @@ class RunLogger:
         if not ((it + 1) % self.cfg.run.log_every == 0 or last):
             return
         elapsed = time.perf_counter() - self.window_start
-        imgs = self.window_iters * self.cfg.train.batch_size * self.info.world_size
+        imgs = (self.window_iters * self.cfg.train.batch_size * self.cfg.train.grad_accum
+                * self.info.world_size)
         rate = imgs / max(elapsed, 1e-9)
         wait = self.wait / max(elapsed, 1e-9)
         eta = (self.cfg.train.max_iters - it - 1) * elapsed / self.window_iters

@@ -138,15 +138,15 @@ def train(cfg: SegConfig, info, engine, loader, ckpt: Checkpointer, start: int, 
     stream = batches(loader)
     for it in range(start, cfg.train.max_iters):
         t0 = time.perf_counter()
-        batch = next(stream)
+        micro = [next(stream) for _ in range(cfg.train.grad_accum)]   # one optimizer step
         data_wait = time.perf_counter() - t0
         lr = set_lr(engine, cfg, it)
-        result = step.train_step(engine, batch, cfg, info, stop.requested)
+        result = step.train_step(engine, micro, cfg, info, stop.requested)
         control.check(it, result.finite, {"loss": result.loss})
         losses, summary = step.log_values(result)
         logger.record(it, losses, lr, data_wait, summary)
         if info.is_main and cfg.run.panel_every and (it + 1) % cfg.run.panel_every == 0:
-            logger.image("panel", step.panel(batch, result.logits), it + 1)
+            logger.image("panel", step.panel(micro[-1], result.logits), it + 1)
         if it + 1 == cfg.train.max_iters or (cfg.eval.every and (it + 1) % cfg.eval.every == 0):
             t1 = time.perf_counter()                              # before the checkpoint: a
             report.evaluate(engine, it + 1)                       # crash in it repeats it

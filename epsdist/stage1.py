@@ -3,7 +3,7 @@ together with the run machinery every stage shares (:mod:`epsdist.runloop`).
 
 check_config -> build_loader -> build_model -> runloop.build_engine with build_optimizer (SGD
 with the authors' four parameter groups) and deepspeed_config (generated from the YAML) -> per
-iteration: runloop.set_lr, train_step (forward, losses, the collective NaN check of
+iteration: runloop.set_lr, train_step (runloop.accumulated_step: forward, losses, the collective NaN check of
 ``runloop.reduce_losses``, backward, step) -> log_values / panel -> runloop's checkpoints and
 export.
 
@@ -19,19 +19,21 @@ from dataclasses import dataclass
 import torch
 
 from . import dist as D
-from .config import ConfigError, EPSConfig
+from .config import ConfigError, EPSConfig, resolve_batch
 from .data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
 from .data.loader import ShardLoader
 from .data.manifest import ManifestError, read_manifest
 from .data.source import fetch_options
 from .loss import classification_loss, eps_loss
-from .runloop import precision, reduce_losses
+from .runloop import accumulated_step, precision
 
 
 # ------------------------------------------------------------------------------ checks
 
-def check_config(cfg: EPSConfig) -> dict:
-    """Everything that can be checked before a process group starts; returns the manifest."""
+def check_config(cfg: EPSConfig, world_size: int | None = None) -> tuple[EPSConfig, dict]:
+    """Everything that can be checked before a process group starts. Returns the config with
+    the per-rank micro-batch and accumulation derived from ``train.global_batch_size`` and the
+    rank count (``resolve_batch``; the launcher's WORLD_SIZE unless given), and the manifest."""
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards' is empty: give the shard directory "
                           "written by `python -m epsdist.data.shard`")
@@ -51,7 +53,13 @@ def check_config(cfg: EPSConfig) -> dict:
     if cfg.model.weights != "none" and not os.path.isfile(cfg.model.weights):
         raise ConfigError(f"config key 'model.weights': no file {cfg.model.weights!r} (give "
                           f"the path of the ImageNet weights, or 'none' to train from scratch)")
-    return manifest
+    if world_size is None:
+        world_size = int(D.launcher_env()[0]["WORLD_SIZE"])
+    cfg = resolve_batch(cfg, world_size)
+    if manifest["num_samples"] < cfg.train.global_batch_size:
+        raise ConfigError(f"data.train_shards holds {manifest['num_samples']} samples: fewer "
+                          f"than train.global_batch_size={cfg.train.global_batch_size}")
+    return cfg, manifest
 
 
 # ------------------------------------------------------------------------------ build
@@ -69,8 +77,10 @@ def deepspeed_config(cfg: EPSConfig, info: D.DistInfo) -> dict:
 
     bf16 runs as autocast over float32 weights (the step does it); fp16 uses DeepSpeed's
     fp16 mode with dynamic loss scaling; ZeRO stages 0-2 partition optimizer state/gradients.
+    The micro-batch and accumulation come from ``resolve_batch`` for ``info.world_size`` ranks,
+    so ``train_batch_size`` is ``train.global_batch_size`` at any rank count.
     """
-    t = cfg.train
+    t = resolve_batch(cfg, info.world_size).train
     ds = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -129,17 +139,17 @@ def forward_losses(engine, batch, cfg: EPSConfig, info: D.DistInfo):
     return cam, loss_cls, loss_sal
 
 
-def train_step(engine, batch, cfg: EPSConfig, info: D.DistInfo,
+def train_step(engine, batches, cfg: EPSConfig, info: D.DistInfo,
                stop: bool = False) -> StepResult:
-    """Forward, the collective finiteness/stop check (``reduce_losses``), backward, step."""
-    cam, loss_cls, loss_sal = forward_losses(engine, batch, cfg, info)
-    loss = loss_cls + cfg.loss.saliency_weight * loss_sal
-    (loss_cls_mean, loss_sal_mean), finite, stop = reduce_losses([loss_cls, loss_sal], loss,
-                                                                info, stop)
-    if finite:
-        engine.backward(loss)
-        engine.step()
-    return StepResult(loss_cls_mean, loss_sal_mean, finite, cam.detach(), stop)
+    """One optimizer step (``accumulated_step``): forward, losses, the collective
+    finiteness/stop check, backward, step."""
+    def losses(batch):
+        cam, loss_cls, loss_sal = forward_losses(engine, batch, cfg, info)
+        return loss_cls + cfg.loss.saliency_weight * loss_sal, [loss_cls, loss_sal], cam.detach()
+
+    (loss_cls, loss_sal), finite, stop, cam = accumulated_step(engine, batches, losses, info,
+                                                               stop)
+    return StepResult(loss_cls, loss_sal, finite, cam, stop)
 
 
 def log_values(result: StepResult, cfg: EPSConfig) -> tuple[dict, str]:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    manifest = stage1.check_config(cfg)                           #    checked before any rank waits
+    cfg, manifest = stage1.check_config(cfg)                      #    checked before any rank waits
     info = D.setup(cfg.run.dist_timeout_s)                        # 2. distributed
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format=f"[rank {info.rank}] %(levelname)s %(name)s: %(message)s")
@@ -78,16 +78,16 @@ def train(cfg: EPSConfig, info, engine, loader, ckpt: Checkpointer, start: int,
     stream = batches(loader)
     for it in range(start, cfg.train.max_iters):
         t0 = time.perf_counter()
-        batch = next(stream)
+        micro = [next(stream) for _ in range(cfg.train.grad_accum)]   # one optimizer step
         data_wait = time.perf_counter() - t0
         lr = set_lr(engine, cfg, it)
-        result = stage1.train_step(engine, batch, cfg, info, stop.requested)
+        result = stage1.train_step(engine, micro, cfg, info, stop.requested)
         control.check(it, result.finite, {"loss_cls": result.loss_cls,
                                           "loss_sal": result.loss_sal})
         losses, summary = stage1.log_values(result, cfg)
         logger.record(it, losses, lr, data_wait, summary)
         if info.is_main and cfg.run.panel_every and (it + 1) % cfg.run.panel_every == 0:
-            logger.image("panel", stage1.panel(batch, result.cam, cfg), it + 1)
+            logger.image("panel", stage1.panel(micro[-1], result.cam, cfg), it + 1)
         if control.finish(it, result.stop):
             return True
     logger.close()

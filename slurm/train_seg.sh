@@ -12,8 +12,9 @@
 # --ntasks-per-node equal to the GPUs per node. No partition or account is set here: pass
 # -p/--partition and -A/--account (or SBATCH_PARTITION / SBATCH_ACCOUNT) where your site needs them.
 # Two GPUs by default: train.global_batch_size (10 in configs/voc_seg.yaml) must split evenly
-# across the GPUs (1, 2, 5 or 10 of them for 10; or set train.global_batch_size=0 and
-# train.batch_size per GPU).
+# across the GPUs (1, 2, 5 or 10 of them for 10; train.micro_batch_size=N caps the per-GPU
+# batch with gradient accumulation; or set train.global_batch_size=0 and train.batch_size per
+# GPU).
 #
 # Site settings, from the environment of `sbatch` (details in slurm/common.sh):
 #   EPSDIST_ROOT (default: the submit directory), EPSDIST_PYTHON (default: .venv/bin/python

@@ -8,7 +8,9 @@
 # SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, ... in the environment). Keep
 # --ntasks-per-node equal to the GPUs per node. No partition or account is set here: pass
 # -p/--partition and -A/--account (or SBATCH_PARTITION / SBATCH_ACCOUNT) where your site needs them.
-# train.batch_size is per GPU: the global batch is batch_size x the number of GPUs.
+# Any GPU count trains the recipe's train.global_batch_size (8) images per step: each GPU takes
+# its share (which must divide: else a config error names both numbers); set
+# train.micro_batch_size=N to cap the per-GPU batch (gradient accumulation).
 #
 # Site settings, from the environment of `sbatch` (details in slurm/common.sh):
 #   EPSDIST_ROOT (default: the submit directory), EPSDIST_PYTHON (default: .venv/bin/python

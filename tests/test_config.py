@@ -32,7 +32,7 @@ def test_defaults_without_file():
     assert cfg.model.backbone == "resnet38" and cfg.model.weights == "none"
     assert cfg.model.eps_head is True
     assert cfg.loss.tau == 0.4 and cfg.loss.lam == 0.5 and cfg.loss.bg_classes == []
-    assert cfg.train.batch_size == 8 and cfg.train.precision == "bf16"
+    assert cfg.train.global_batch_size == 8 and cfg.train.precision == "bf16"
     assert cfg.train.weight_decay == 5e-4 and cfg.train.zero_stage == 0
 
 
@@ -71,7 +71,7 @@ train:
     # untouched keys keep their defaults, in touched and untouched sections alike
     assert cfg.data.crop_size == 448 and cfg.data.val_shards == ""
     assert cfg.loss.tau == 0.4 and cfg.loss.strategy == "adaptive"
-    assert cfg.train.batch_size == 8
+    assert cfg.train.global_batch_size == 8
     assert cfg.run == C.RunConfig()
 
 
@@ -280,7 +280,8 @@ def test_from_dict_directly():
     ("loss.lam=1.5", "loss.lam"),
     ("loss.lam=-0.1", "loss.lam"),
     ("loss.tau=2", "loss.tau"),
-    ("train.batch_size=0", "train.batch_size"),
+    ("train.global_batch_size=0", "train.global_batch_size"),
+    ("train.micro_batch_size=-1", "train.micro_batch_size"),
     ("train.max_iters=0", "train.max_iters"),
     ("train.zero_stage=4", "train.zero_stage"),
     ("data.resize_long=[512,256]", "data.resize_long"),
@@ -344,8 +345,8 @@ def test_bg_classes_checked_against_num_classes_from_file(tmp_path):
 
 def test_validation_reports_all_errors():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["loss.lam=2", "train.batch_size=0"])
-    assert "loss.lam" in str(e.value) and "train.batch_size" in str(e.value)
+        load_config(None, ["loss.lam=2", "train.global_batch_size=0"])
+    assert "loss.lam" in str(e.value) and "train.global_batch_size" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- save

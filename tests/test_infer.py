@@ -59,20 +59,24 @@ def samples(root):
 
 
 def expected_mask(model, sample, scales=(0.5, 1.0, 1.5, 2.0), thr=0.2, size=None):
-    """Independent computation of the pseudo-mask of one sample (PIL decode, one view at a time);
-    ``size=(w, h)``: computed on the image resized to that size (Pillow bilinear)."""
+    """Independent computation of the pseudo-mask of one sample (PIL decode, each scale resized
+    with PIL's bicubic as the released code does, one view at a time); ``size=(w, h)``: computed
+    on the image first resized to that size (Pillow bilinear: infer.max_side)."""
     pil = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-    img = np.asarray(pil if size is None else pil.resize(size, Image.BILINEAR), dtype=np.float32)
-    x = torch.from_numpy(img / 255).permute(2, 0, 1)[None]
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    H, W = img.shape[:2]
+    if size is not None:
+        pil = pil.resize(size, Image.BILINEAR)
+    W, H = pil.size
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     labels = json.loads(sample["cls.json"])
     acc = torch.zeros(4, H, W, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
         for s in scales:
-            xs = F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear",
-                               align_corners=False)
+            size = (round(W * s), round(H * s))
+            im = pil if size == pil.size else pil.resize(size, Image.BICUBIC)
+            xs = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+            xs = (xs - mean) / std
             for flip in (False, True):
                 p = torch.softmax(model(xs.flip(-1) if flip else xs), dim=1)
                 up = F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False)[0]
@@ -83,7 +87,9 @@ def expected_mask(model, sample, scales=(0.5, 1.0, 1.5, 2.0), thr=0.2, size=None
     top2 = scores.topk(2, dim=0).values
     idx = scores.argmax(0)
     mask = torch.tensor([0] + [c + 1 for c in classes])[idx].numpy()
-    return mask, (top2[0] - top2[1]).numpy() < 1e-4
+    # near ties: pixels whose two best scores are within 1e-2 (a 1-2 grey level rounding
+    # difference between torchvision's uint8 bicubic and PIL's moves a few of them)
+    return mask, (top2[0] - top2[1]).numpy() < 1e-2
 
 
 def test_masks_cams_panels_shards_and_report(setup):
@@ -99,6 +105,7 @@ def test_masks_cams_panels_shards_and_report(setup):
         want, near_tie = expected_mask(model, s)
         assert mask.shape == want.shape
         assert (mask[~near_tie] == want[~near_tie]).all(), key
+        assert (mask != want).mean() < 0.005, key
         cams = np.load(out / "cams" / f"{key}.npz")
         labels = json.loads(s["cls.json"])
         assert list(cams["classes"]) == [c for c in range(4) if labels[c]]

@@ -244,23 +244,6 @@ def test_augmentation_is_a_function_of_the_seed():
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("op,factor", [("brightness", 0.7), ("brightness", 1.3),
-                                       ("contrast", 0.7), ("contrast", 1.3),
-                                       ("saturation", 0.7), ("saturation", 1.3),
-                                       ("hue", 0.08), ("hue", -0.1)])
-def test_jitter_ops_match_torchvision_colorjitter_on_pil(op, factor):
-    """Our OpenCV jitter ops against torchvision's PIL implementations (what the authors ran):
-    equal up to rounding of uint8 intermediates and of the HSV conversions."""
-    import torchvision.transforms.v2.functional as TF
-    from epsdist.data import augment
-    yy, xx = np.mgrid[0:60, 0:80]
-    img = np.stack([(xx * 3) % 256, (yy * 4) % 256, (xx + yy) % 256], -1).astype(np.uint8)
-    ours = getattr(augment, f"adjust_{op}")(img, factor).astype(int)
-    theirs = np.asarray(getattr(TF, f"adjust_{op}")(Image.fromarray(img), factor)).astype(int)
-    diff = np.abs(ours - theirs)
-    assert diff.mean() < (1.0 if op == "hue" else 0.6) and diff.max() <= (12 if op == "hue" else 1)
-
-
 # --------------------------------------------------------------------------- end to end
 
 def test_synthetic_to_shards_to_loader(tmp_path):

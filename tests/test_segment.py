@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_the_run(shards, tmp_path):
     ("data.num_classes=20", "data.num_classes"),                 # pseudo-mask class count
     ("data.train_shards=nowhere", "data.train_shards"),
     ("data.val_shards=", "data.val_shards"),
-    ("train.global_batch_size=6", "train.global_batch_size"),    # 6 over 1 rank x accum 4
+    ("train.global_batch_size=6", "train.global_batch_size"),    # grad_accum=4 is derived (1)
     ("model.weights=missing.pth", "model.weights"),
     ("model.arch=deeplabv3", "model.backbone"),                  # deeplabv3 needs a resnet
     ("data.scale_range=[1.5,0.5]", "data.scale_range"),
@@ -219,7 +219,8 @@ def test_global_batch_size_splits_over_ranks():
     assert resolve_batch(cfg, 10).train.batch_size == 1
     with pytest.raises(ConfigError, match="global_batch_size"):
         resolve_batch(cfg, 8)
-    per_rank = load_config(None, ["train.batch_size=3"], cls=SegConfig)
+    per_rank = load_config(None, ["train.global_batch_size=0", "train.batch_size=3"],
+                           cls=SegConfig)
     assert resolve_batch(per_rank, 8).train.batch_size == 3
 
 

@@ -139,7 +139,7 @@ def shards(tmp_path_factory):
 
 def overrides(root, run, **extra):
     values = {"data.train_shards": root / "shards", "run.dir": root / "runs" / run,
-              "data.crop_size": 64, "data.resize_long": "[64,96]", "train.batch_size": 4,
+              "data.crop_size": 64, "data.resize_long": "[64,96]", "train.global_batch_size": 8,
               "run.log_every": 1, "run.panel_every": 0, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 

@@ -58,7 +58,8 @@ def shards(tmp_path_factory):
 
 N = 12
 COMMON = ("data.train_shards=shards", "data.crop_size=64", "data.resize_long=[64,96]",
-          "run.log_every=1", f"run.save_every={N}", "run.panel_every=5", "train.batch_size=4")
+          "run.log_every=1", f"run.save_every={N}", "run.panel_every=5",
+          "train.global_batch_size=8")
 
 
 def test_two_ranks_resume_equals_uninterrupted_and_loss_decreases(shards):
@@ -93,20 +94,68 @@ def test_two_ranks_resume_equals_uninterrupted_and_loss_decreases(shards):
 
 
 def test_data_parallel_equals_one_rank_with_the_whole_batch(tmp_path):
+    """train.global_batch_size=4: two ranks x 2, one rank x 4 and one rank x 4 micro-batches
+    of 1 (gradient accumulation) give the same losses and weights."""
     script = os.path.join(REPO, "tests", "scripts", "dp_step.py")
     two = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), script,
                str(tmp_path / "two.pt")], cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = run([sys.executable, script, str(tmp_path / "one.pt")], cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    acc = run([sys.executable, script, "train.micro_batch_size=1", str(tmp_path / "acc.pt")],
+              cwd=tmp_path)
+    assert acc.returncode == 0, acc.stderr[-3000:]
+    a, b, c = (torch.load(tmp_path / f"{n}.pt") for n in ("two", "one", "acc"))
+    assert (a["micro"], a["accum"], b["micro"], b["accum"], c["micro"], c["accum"]) == \
+        (2, 1, 4, 1, 1, 4)
+    for other in (b, c):
+        assert torch.allclose(a["losses"], other["losses"], rtol=1e-5, atol=1e-7)
+        assert a["state"].keys() == other["state"].keys()
+        for k in a["state"]:
+            assert torch.allclose(a["state"][k], other["state"][k], rtol=1e-4, atol=1e-6), k
+    assert not torch.allclose(a["losses"][0], a["losses"][-1])            # it trained
+
+
+def test_global_batch_is_kept_at_any_rank_count():
+    """The paper recipes' DeepSpeed config keeps the paper's batch per optimizer step on 1-16
+    ranks (with accumulation when train.micro_batch_size caps the per-rank batch); a rank
+    count that cannot split it is a ConfigError naming both numbers."""
+    from epsdist.config import resolve_batch
+    from epsdist.stage1 import deepspeed_config
+    cases = {"voc_eps": (8, [(1, 0, 8, 1), (2, 0, 4, 1), (4, 0, 2, 1), (8, 0, 1, 1),
+                             (1, 2, 2, 4), (2, 3, 2, 2), (4, 1, 1, 2)]),
+             "coco_eps": (16, [(1, 0, 16, 1), (2, 0, 8, 1), (4, 0, 4, 1), (8, 0, 2, 1),
+                               (16, 0, 1, 1), (8, 1, 1, 2), (1, 5, 4, 4)])}
+    for name, (total, rows) in cases.items():
+        for ranks, cap, micro, accum in rows:
+            cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"),
+                              [f"train.micro_batch_size={cap}"])
+            ds = deepspeed_config(cfg, D.DistInfo(0, 0, ranks, "gloo", torch.device("cpu"),
+                                                  "env"))
+            assert ds["train_batch_size"] == total, (name, ranks, cap)
+            assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
+                == (micro, accum), (name, ranks, cap)
+    voc = load_config(os.path.join(REPO, "configs", "voc_eps.yaml"))
+    for ranks in (3, 16):
+        with pytest.raises(ConfigError, match=f"'train.global_batch_size' is 8.*{ranks} ranks"):
+            resolve_batch(voc, ranks)
+
+
+def test_global_batch_error_before_any_process_group(shards, monkeypatch):
+    """WORLD_SIZE from the launcher's environment: 3 ranks cannot split 16."""
+    from epsdist import train
+    monkeypatch.chdir(shards)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="'train.global_batch_size' is 16.*3 ranks"):
+        train.main(["--config", os.path.join(REPO, "configs", "synthetic_eps.yaml"),
+                    "data.train_shards=shards"])
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.batch_size=0", "train.batch_size"),
+    ("train.global_batch_size=0", "train.global_batch_size"),
+    ("train.batch_size=3", "train.batch_size"),                # derived (16 on 1 rank)
     ("loss.tau=1.5", "loss.tau"),
     ("data.train_shards=nowhere", "data.train_shards"),
     ("data.train_shards=", "data.train_shards"),
@@ -190,11 +239,12 @@ def test_launcher_env_from_deepspeed_torchrun_slurm_and_single():
 
 def test_deepspeed_config_is_generated_from_the_yaml():
     from epsdist.stage1 import deepspeed_config
-    cfg = load_config(None, ["train.batch_size=4", "train.grad_accum=2", "train.zero_stage=2",
-                             "train.grad_clip=1.0", "train.precision=fp16"])
+    cfg = load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=4",
+                             "train.zero_stage=2", "train.grad_clip=1.0", "train.precision=fp16"])
     cpu = D.DistInfo(0, 0, 4, "gloo", torch.device("cpu"), "env")
     ds = deepspeed_config(cfg, cpu)
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
     assert "fp16" not in ds                                 # no fp16 without CUDA
     gpu = D.DistInfo(0, 0, 4, "nccl", torch.device("cuda", 0), "env")

@@ -2,12 +2,14 @@
 
 As the authors' training transform, in order:
   1. random resize so the long side is uniform in [lo, hi] (VOC 256..512, COCO 256..448),
-     bicubic for image and saliency (the authors' ``RandomResizeLong`` uses PIL's CUBIC);
+     image and saliency, with PIL's antialiased bicubic (the authors' ``RandomResizeLong``
+     resizes the PIL images with ``Image.CUBIC``): ``resize_bicubic``, torchvision's
+     antialiased bicubic resize of the uint8 tensor, PIL's filter to within 1 grey level;
   2. horizontal flip with probability 0.5;
-  3. colour jitter on the image only, torchvision ``ColorJitter(0.3, 0.3, 0.3, 0.1)``
-     semantics: brightness, contrast, saturation and hue factors drawn uniformly, applied in a
-     random order; brightness scales, contrast blends with the mean grey level, saturation
-     blends with the grey image, hue shifts H on PIL's 0..255 HSV scale (with wrap-around);
+  3. colour jitter on the image only, the authors' torchvision ``ColorJitter(0.3, 0.3, 0.3,
+     0.1)`` on a PIL image: factors drawn uniformly, applied in a random order, each op PIL's
+     arithmetic (brightness, contrast, saturation: exactly; hue: within 0.01 grey levels on
+     average) done in NumPy/OpenCV at several times PIL's speed;
   4. random crop to crop x crop: a window when the image is larger than the crop, a random
      placement in a canvas when it is smaller (per axis), as the authors' random_crop; the
      image canvas is the ImageNet mean colour (the authors pad normalised images with 0, the
@@ -17,10 +19,9 @@ As the authors' training transform, in order:
      ``normalize_batch``, after the uint8 crops crossed from the DataLoader worker to the main
      process (or the GPU): 4x fewer bytes through the worker queue, which costs more than the
      augmentation itself otherwise (BENCHMARKS.md).
-The pixel work runs in OpenCV (as mmsegmentation does): the same operations as PIL/torchvision
-at several times their speed (BENCHMARKS.md). OpenCV's thread pool is switched off here: the
-parallelism comes from the DataLoader workers. Every random draw comes from the
-``random.Random`` passed in, so a sample's augmentation depends only on that generator's seed.
+OpenCV's thread pool is switched off here: the parallelism comes from the DataLoader workers.
+Every random draw comes from the ``random.Random`` passed in, so a sample's augmentation
+depends only on that generator's seed.
 
 ``SegAugment`` is the segmentation stage's transform (DeepLab-v2), image and class mask together:
 random rescale by a factor uniform in [0.5, 1.5] (image bilinear, mask nearest, both sampled at
@@ -38,6 +39,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 cv2.setNumThreads(1)
 
@@ -118,18 +120,50 @@ class TrainAugment:
         H, W = image.shape[:2]
         long_side = rng.randint(*self.resize_long)
         scale = long_side / max(H, W)
-        size = (max(1, round(W * scale)), max(1, round(H * scale)))      # cv2 takes (w, h)
-        image = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
-        sal = cv2.resize(sal, size, interpolation=cv2.INTER_CUBIC)
+        size = (max(1, round(H * scale)), max(1, round(W * scale)))
+        image = resize_bicubic(torch.from_numpy(image).permute(2, 0, 1), size)
+        sal = resize_bicubic(torch.from_numpy(sal)[None], size)
         if self.hflip and rng.random() < 0.5:
-            image, sal = cv2.flip(image, 1), cv2.flip(sal, 1)
-        image = color_jitter(image, *self.jitter, rng=rng)
-        return random_crop(image, sal, self.crop_size, rng)
+            image, sal = image.flip(-1), sal.flip(-1)
+        image = color_jitter(image.permute(1, 2, 0).numpy(), *self.jitter, rng=rng)
+        return random_crop(image, sal[0].numpy(), self.crop_size, rng)
+
+
+def resize_bicubic(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (..., H, W) -> uint8 (..., h, w): PIL's ``Image.resize((w, h), Image.BICUBIC)``,
+    what the authors ran for training and for the inference scales: the bicubic filter
+    (a = -0.5) widened by the factor when shrinking (antialiasing), a horizontal pass into a
+    rounded 8-bit image, then a vertical pass. On the CPU torchvision's uint8 resize does this
+    (Pillow's algorithm); elsewhere (the GPU) ``resize_bicubic_float`` does. Both are within
+    rounding of PIL (tests/test_parity.py). The same size: unchanged."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    if image.device.type != "cpu":
+        return resize_bicubic_float(image, size)
+    import torchvision.transforms.v2.functional as TF
+    return TF.resize(image, list(size), interpolation=TF.InterpolationMode.BICUBIC,
+                     antialias=True)
+
+
+def resize_bicubic_float(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``resize_bicubic`` in float arithmetic on any device: PIL's two passes (width, then
+    height), each rounded and clipped to 0..255 as PIL's 8-bit intermediate image."""
+    import torch.nn.functional as F
+    shape = image.shape
+    x = image.reshape(-1, *shape[-3:]) if image.dim() >= 3 else image[None, None]
+    x = x.float()
+    for hw in ((x.shape[-2], size[1]), tuple(size)):
+        if tuple(x.shape[-2:]) != hw:
+            x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0, 255).round_()
+    return x.to(torch.uint8).reshape(*shape[:-2], *size)
 
 
 def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float,
                  hue: float, *, rng: random.Random) -> np.ndarray:
-    """torchvision's ColorJitter on a uint8 RGB array, draws taken from ``rng``."""
+    """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)`` on a PIL image (what
+    the authors ran), on a uint8 RGB array: the factors and the order of the four ops are drawn
+    from ``rng`` as ``ColorJitter.get_params`` draws them, each op is PIL's arithmetic."""
     ops = []
     if brightness > 0:
         ops.append((adjust_brightness, rng.uniform(max(0.0, 1 - brightness), 1 + brightness)))
@@ -145,32 +179,59 @@ def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturati
     return image
 
 
+# torchvision's PIL path runs PIL's ImageEnhance (brightness, contrast, saturation: Image.blend
+# with a degenerate image) and a round trip through PIL's 8-bit HSV (hue). PIL itself is 3-4x
+# slower than the loader's budget allows (its HSV conversions alone take ~4 ms for a VOC-sized
+# image: BENCHMARKS.md), so these four functions do PIL's arithmetic in float32 NumPy/OpenCV;
+# tests/test_parity.py checks them against torchvision's PIL path on photo-like images.
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """PIL's ``convert("L")`` (ITU-R 601-2 luma, PIL's own rounding)."""
+    return np.asarray(Image.fromarray(image).convert("L"))
+
+
+def _blend(degenerate, image: np.ndarray, f: float) -> np.ndarray:
+    """PIL's ``Image.blend(degenerate, image, f)``: degenerate + f * (image - degenerate) in
+    float32, clipped to 0..255 and truncated to uint8."""
+    d = np.asarray(degenerate, dtype=np.float32)
+    out = d + np.float32(f) * (image.astype(np.float32) - d)
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
+
+
+_LEVELS = np.arange(256, dtype=np.uint8)
+
+
 def adjust_brightness(image: np.ndarray, f: float) -> np.ndarray:
-    """Blend with black: f * image."""
-    return cv2.convertScaleAbs(image, alpha=f)
+    """PIL ``ImageEnhance.Brightness``: blend with black (a per-level table)."""
+    return cv2.LUT(image, _blend(0.0, _LEVELS, f))
 
 
 def adjust_contrast(image: np.ndarray, f: float) -> np.ndarray:
-    """Blend with the mean grey level: f * image + (1 - f) * mean(grey)."""
-    mean = float(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).mean())
-    return cv2.addWeighted(image, f, image, 0.0, (1 - f) * mean)
+    """PIL ``ImageEnhance.Contrast``: blend with the mean grey level, rounded to an integer
+    (a per-level table)."""
+    return cv2.LUT(image, _blend(float(int(_grey(image).mean() + 0.5)), _LEVELS, f))
 
 
 def adjust_saturation(image: np.ndarray, f: float) -> np.ndarray:
-    """Blend with the grey image: f * image + (1 - f) * grey."""
-    grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-    return cv2.addWeighted(image, f, grey, 1 - f, 0.0)
+    """PIL ``ImageEnhance.Color``: blend with the grey image."""
+    grey = cv2.cvtColor(_grey(image), cv2.COLOR_GRAY2RGB).astype(np.float32)
+    out = cv2.add(grey, cv2.multiply(cv2.subtract(image.astype(np.float32), grey), f))
+    return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def adjust_hue(image: np.ndarray, f: float) -> np.ndarray:
-    """Shift H by f (in turns) on the 0..255 HSV scale, wrapping around."""
-    shift = int(f * 255) % 256
-    if shift == 0:
-        return image
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)
-    lut = ((np.arange(256) + shift) % 256).astype(np.uint8)
-    hsv[..., 0] = cv2.LUT(hsv[..., 0], lut)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    """torchvision's PIL ``adjust_hue``: to PIL's 8-bit HSV (H and S truncated to 0..255), add
+    ``int(f * 255)`` to H modulo 256, back to RGB (PIL rounds). The HSV conversions run in
+    float32 OpenCV; a pixel whose H or S lands on a truncation boundary can come out one step
+    off (~0.2 % of a photo's pixels; mean difference < 0.01 grey levels)."""
+    shift = int(np.int32(f * 255)) & 255
+    hsv = cv2.cvtColor(image.astype(np.float32), cv2.COLOR_RGB2HSV)  # H in degrees, S in 0..1
+    h = (hsv[..., 0] * np.float32(255 / 360)).astype(np.int32)
+    s = (hsv[..., 1] * np.float32(255)).astype(np.int32)
+    hsv[..., 0] = ((h + shift) & 255) * np.float32(360 / 255)
+    hsv[..., 1] = s * np.float32(1 / 255)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.clip(rgb + 0.5, 0, 255, out=rgb).astype(np.uint8)   # round half up, as PIL
 
 
 def random_crop(image: np.ndarray, sal: np.ndarray, crop: int, rng: random.Random,

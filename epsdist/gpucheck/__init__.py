@@ -24,7 +24,7 @@ would start past it is skipped and listed):
    ResNet-38-EPS at VOC size (B=8, 448²) and COCO size (B=16, 321²) in img/s: fp32, bf16,
    bf16 + channels_last.
 4. ``masks`` -- the pseudo-mask step per VOC-sized (375x500) and COCO-sized (480x640) image:
-   4 scales x 2 flips through ``epsdist.infer.view_maps`` as inference batches them, then
+   4 scales x 2 flips through ``epsdist.cams.view_maps`` as inference batches them, then
    ``cam_to_mask``; the same with 4 images per forward (``speed.batched_view_maps``, a
    candidate fast path for ``infer.py``); and the CPU's JPEG decode / PNG encode per image.
 5. ``compile`` -- every ``torch.compile`` row, last because compiling takes long: the

@@ -1,7 +1,7 @@
 """Speed, side by side in one run: the EPS loss fwd+bwd (fused vs eager reference vs
 torch.compile of it, against the bytes floor at the card's copy bandwidth), one stage-1 training
 step in img/s (fp32, bf16, bf16 + channels_last, + train.compile) and the pseudo-mask step per
-image (multi-scale + flip views as ``epsdist.infer.view_maps`` batches them, then
+image (multi-scale + flip views as ``epsdist.cams.view_maps`` batches them, then
 ``cam_to_mask``).
 
 Timing: the loss through ``epsdist_kernels.bench.time_fn`` (CUDA: ``triton.testing.do_bench``,
@@ -136,22 +136,20 @@ GROUP = 4                 # images per forward in the 'batched' pseudo-mask vari
 
 @torch.no_grad()
 def batched_view_maps(model, images: torch.Tensor, scales):
-    """``epsdist.infer.view_maps`` for N same-size images (N, 3, H, W) in one forward per scale
+    """``epsdist.cams.view_maps`` for N same-size images (N, 3, H, W) in one forward per scale
     (2N views with the flips): the candidate fast path "batch the views of several images",
     measured here before ``infer.py`` gets it. Returns [(views, flips)] per image, in
     ``view_maps``' order."""
-    import torch.nn.functional as F
+    from epsdist.data.augment import normalize_images, resize_bicubic
     N, _, H, W = images.shape
     cuda = images.device.type == "cuda"
     per = [([], []) for _ in range(N)]
-    for s in scales:
-        x = F.interpolate(images, size=(max(1, round(H * s)), max(1, round(W * s))),
-                          mode="bilinear", align_corners=False)
+    for s in scales:                    # uint8 images, resized and normalised as view_maps does
+        x = normalize_images(resize_bicubic(images, (max(1, round(H * s)), max(1, round(W * s)))))
         x = torch.cat([x, x.flip(-1)])
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = torch.softmax(model(x).float(), dim=1)
+        out = torch.softmax(model(x).float(), dim=1)         # fp32, as infer.precision's default
         for i in range(N):
             per[i][0].extend([out[i], out[N + i]])
             per[i][1].extend([False, True])
@@ -159,12 +157,12 @@ def batched_view_maps(model, images: torch.Tensor, scales):
 
 
 def mask_row(plan, key, variant, device, log):
-    """ms per image of the pseudo-mask step: ``epsdist.infer.view_maps`` (scales x 2 flips, one
+    """ms per image of the pseudo-mask step: ``epsdist.cams.view_maps`` (scales x 2 flips, one
     forward per scale with its flip) + ``cam_to_mask`` (fused on CUDA) + the mask to the host,
     as ``epsdist/infer.py`` does per image. Image decode and PNG encode are CPU work, timed
     apart (``cpu_io_row``). ``variant``: 'eager', 'compile' (infer.compile) or 'batched'
     (eager, GROUP images per forward: ``batched_view_maps``)."""
-    from epsdist.infer import view_maps
+    from epsdist.cams import view_maps
     from epsdist_kernels.cam_post import cam_to_mask
     size = plan.mask_sizes[key]
     out_size = (size.height, size.width)
@@ -180,7 +178,8 @@ def mask_row(plan, key, variant, device, log):
         g = torch.Generator().manual_seed(3)
         group = min(GROUP, plan.mask_images) if variant == "batched" else 1
         n_warm = group if plan.smoke else 2 * group
-        images = torch.randn(n_warm + plan.mask_images, 3, *out_size, generator=g).to(device)
+        images = torch.randint(0, 256, (n_warm + plan.mask_images, 3, *out_size), generator=g,
+                               dtype=torch.uint8).to(device)            # decoded JPEGs: uint8
         labels = torch.zeros(size.classes)
         labels[torch.randperm(size.classes, generator=g)[:size.labelled]] = 1.0
 
@@ -232,7 +231,7 @@ def cpu_io_row(plan, key, log):
     from PIL import Image
 
     from epsdist.data.augment import decode_rgb
-    from epsdist.infer import encode_mask
+    from epsdist.data.masks import encode_mask
     size = plan.mask_sizes[key]
     H, Wd = size.height, size.width
     yy, xx = np.mgrid[0:H, 0:Wd]                           # smooth content, like a photo

@@ -14,8 +14,11 @@ Backbones (``model.backbone`` in the config):
 * ``tiny`` -- a small from-scratch backbone for the synthetic recipes (output stride 8).
 
 The head is the authors' ``fc8``: a bias-free 1x1 conv with Xavier-uniform initialisation,
-C+1 output maps (last = background) when ``eps_head`` else C. Models never touch
-torch.distributed.
+C+1 output maps (last = background) when ``eps_head`` else C. The CAM baseline (``eps_head``
+false) applies channel dropout (``Dropout2d``, ``model.cam_dropout``, 0.5) to the backbone's
+last feature map before the head, as the released classification network does (its
+``dropout7`` before global average pooling and ``fc8``; pooling and a 1x1 conv commute); the
+released EPS network has none. Models never touch torch.distributed.
 """
 from __future__ import annotations
 
@@ -46,10 +49,11 @@ class EPSNet(nn.Module):
 
     Attributes: ``num_classes`` (C), ``num_maps`` (K = C+1 with the EPS background map, else
     C), ``eps_head``, ``output_stride`` (h = ceil(H / output_stride)), ``backbone_name``.
+    ``dropout`` > 0: ``Dropout2d(dropout)`` between backbone and head (the CAM baseline's).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, eps_head: bool = True,
-                 backbone_name: str = ""):
+                 backbone_name: str = "", dropout: float = 0.0):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -59,6 +63,9 @@ class EPSNet(nn.Module):
         self.num_maps = self.num_classes + 1 if self.eps_head else self.num_classes
         self.output_stride = int(backbone.output_stride)
         self.backbone_name = backbone_name or type(backbone).__name__
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(backbone.out_channels, self.num_maps, 1, bias=False)
         nn.init.xavier_uniform_(self.head.weight)
 
@@ -68,7 +75,7 @@ class EPSNet(nn.Module):
         return [self.head]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(image))
+        return self.head(self.dropout(self.backbone(image)))
 
     def extra_repr(self) -> str:
         return (f"backbone={self.backbone_name}, num_classes={self.num_classes}, "
@@ -146,7 +153,8 @@ def build_model(cfg, num_classes: int, log=print) -> EPSNet:
     tiny a torch state dict of the backbone.
     """
     backbone = build_backbone(cfg.backbone, cfg.output_stride)
-    model = EPSNet(backbone, num_classes, eps_head=cfg.eps_head, backbone_name=cfg.backbone)
+    model = EPSNet(backbone, num_classes, eps_head=cfg.eps_head, backbone_name=cfg.backbone,
+                   dropout=0.0 if cfg.eps_head else cfg.cam_dropout)
     path = weights_path(cfg.weights, cfg.backbone, log)
     if path is not None:
         load_backbone_weights(model, cfg.backbone, path, log)
