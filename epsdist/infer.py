@@ -47,7 +47,7 @@ from PIL import Image
 
 from epsdist import dist as D
 from epsdist.cams import build_inference_model, load_export, view_maps
-from epsdist.config import add_config_args, config_from_args, dump_yaml, to_dict
+from epsdist.config import add_config_args, config_from_args, dump_yaml, run_cli, to_dict
 from epsdist.data.augment import DecodeError, decode_gray, decode_rgb
 from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
                                    atomic_write_bytes, read_manifest, sha256_file,
@@ -340,4 +340,4 @@ def report(args, masks_dir: str, num_classes: int, allow_missing: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))                 # a config error: one line, exit 2

@@ -287,3 +287,15 @@ def test_overrides_before_and_after_options(setup):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "flip: false" in res.stdout and "bg_threshold: 0.35" in res.stdout
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path):
+    """A bad override stops infer.py before it reads anything: one line on stderr, exit 2."""
+    res = subprocess.run([sys.executable, INFER, "--config", CONFIG, "--checkpoint",
+                          str(tmp_path / "none.pt"), "--shards", str(tmp_path), "--out",
+                          str(tmp_path / "out"), "infer.bg_threshold=abc"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config error" in lines[0] and "infer.bg_threshold" in lines[0]
+    assert not (tmp_path / "out").exists()
