@@ -15,7 +15,7 @@ from torch import nn
 
 from epsdist import stage1
 from epsdist.config import load_config
-from epsdist.models import EPSNet, TinyBackbone, build_model, param_groups
+from epsdist.models import EPSNet, TinyBackbone, build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = ["voc_eps", "coco_eps", "voc_cam_baseline", "coco_cam_baseline"]

@@ -7,7 +7,6 @@ import os
 import shlex
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import urllib.parse
@@ -16,9 +15,8 @@ import pytest
 import torch
 
 from epsdist.config import ConfigError, load_config
-from epsdist.data import source
 from epsdist.data.loader import ShardLoader
-from epsdist.data.manifest import (FORMAT, ManifestError, iter_rank_samples, read_manifest,
+from epsdist.data.manifest import (ManifestError, iter_rank_samples, read_manifest,
                                    write_manifest)
 from epsdist.data.source import FetchOptions, join_shard, redact
 from test_loader import SMALL, make_shards

@@ -40,6 +40,7 @@ import collections
 import itertools
 import json
 import logging
+import os
 import random
 import signal
 import tarfile

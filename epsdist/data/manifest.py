@@ -28,7 +28,7 @@ import tarfile
 from typing import Callable, Iterator
 
 from ..atomic import atomic_write_bytes  # noqa: F401  (re-exported: one atomic writer)
-from .safepath import shard_name_problem, shard_path
+from .safepath import shard_name_problem
 
 FORMAT = "epsdist-shards/1"
 MANIFEST = "manifest.json"

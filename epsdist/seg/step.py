@@ -16,7 +16,6 @@ labelled pixel at all contributes 0 (not NaN).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
