@@ -45,11 +45,6 @@ def check_config(cfg: EPSConfig, world_size: int | None = None) -> tuple[EPSConf
         raise ConfigError(f"config key 'data.num_classes' is {cfg.data.num_classes} but the "
                           f"shards in {cfg.data.train_shards} have {len(manifest['classes'])} "
                           f"classes")
-    world_size = int(D.launcher_env()[0]["WORLD_SIZE"])
-    if manifest["num_samples"] // (world_size * cfg.train.batch_size) < 1:
-        raise ConfigError(f"config key 'train.batch_size' is {cfg.train.batch_size} per rank: "
-                          f"{cfg.data.train_shards} holds {manifest['num_samples']} samples, too "
-                          f"few for one batch on each of {world_size} ranks")
     if cfg.model.weights != "none" and not os.path.isfile(cfg.model.weights):
         raise ConfigError(f"config key 'model.weights': no file {cfg.model.weights!r} (give "
                           f"the path of the ImageNet weights, or 'none' to train from scratch)")

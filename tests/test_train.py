@@ -162,7 +162,7 @@ def test_global_batch_error_before_any_process_group(shards, monkeypatch):
     ("data.num_classes=20", "data.num_classes"),
     ("model.weights=missing.params", "model.weights"),
     ("trian.lr=0.1", "trian"),
-    ("train.batch_size=161", "train.batch_size.*160 samples"),
+    ("train.global_batch_size=161", "160 samples.*train.global_batch_size=161"),
 ])
 def test_config_errors_before_any_process_group(shards, override, message, monkeypatch):
     from epsdist import train
