@@ -157,6 +157,26 @@ def _broken_torch_file(directory: str) -> str | None:
     return None
 
 
+def refuse_unsafe_pickles(path: str) -> None:
+    """DeepSpeed loads its own checkpoint files with ``torch.load(weights_only=False)``. Before
+    it does, every ``*.pt`` of the checkpoint directory is scanned (the pickle's opcodes are
+    read, nothing is run): a file that names any Python global outside what
+    ``weights_only=True`` allows is refused, naming the file and the globals. epsdist's own
+    checkpoints never name one, so a refused file was made by something else."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".pt"):
+            file = os.path.join(path, name)
+            try:
+                unsafe = get_unsafe_globals_in_checkpoint(file)
+            except Exception:                   # noqa: BLE001  (not a torch zip: load names it)
+                continue
+            if unsafe:
+                raise CheckpointError(f"{file} names Python globals the safe loader refuses "
+                                      f"({', '.join(unsafe[:5])}): not loaded, nothing in it "
+                                      f"was run. Resume only from checkpoints epsdist wrote")
+
+
 class Checkpointer:
     def __init__(self, root: str, info: D.DistInfo, keep_last: int):
         self.root, self.info, self.keep_last = root, info, keep_last
@@ -296,6 +316,7 @@ class Checkpointer:
         root, tag = os.path.split(os.path.abspath(path))
         error = client_state = rank_state = None
         try:
+            refuse_unsafe_pickles(path)          # before DeepSpeed unpickles anything
             loaded, client_state = engine.load_checkpoint(root, tag=tag)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed found no checkpoint in {path}")

@@ -569,3 +569,31 @@ def test_ranks_checkpoint_and_exit_when_the_launcher_alone_is_signalled(shards):
         for pid in ranks + [proc.pid]:                      # only what this test started
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class _Marker:
+    """Unpickling this creates a marker file: what a crafted checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_deepspeed_file_is_refused_before_anything_runs(tmp_path):
+    """DeepSpeed unpickles its files itself (weights_only=False): the checkpoint is scanned first."""
+    ck = Checkpointer(str(tmp_path / "ck"), _single(), keep_last=3)
+    ck.save(FakeEngine(), 10, {"iteration": 10}, {"rng": 10})
+    path = tmp_path / "ck" / "iter_00000010"
+    (path / "files.json").unlink()                   # as if crafted by hand
+    marker = tmp_path / "marker"
+    torch.save({"iteration": 10, "x": _Marker(str(marker))}, path / "model.pt")
+
+    class UnsafeEngine(FakeEngine):                  # loads like DeepSpeed's checkpoint engine
+        def load_checkpoint(self, root, tag):
+            return root, torch.load(os.path.join(root, tag, "model.pt"), weights_only=False)
+
+    with pytest.raises(CheckpointError, match=f"{path / 'model.pt'} names Python globals"):
+        ck.load(UnsafeEngine(), str(path))
+    assert not marker.exists()
