@@ -124,9 +124,10 @@ def shard_requests(srv):
 # --------------------------------------------------------------------------- names and URLs
 
 @pytest.mark.parametrize("name,problem", [
-    ("../x.tar", "'..'"), ("a/../../x.tar", "'..'"), ("/etc/passwd", "absolute"),
+    ("../x.tar", "'/'"), ("a/../../x.tar", "'/'"), ("/etc/passwd", "'/'"),
     ("a\\b.tar", "backslash"), ("a\nb.tar", "control"), ("x\x00.tar", "control"),
-    ("http://evil.example/x.tar", "empty"), ("//evil.example/x.tar", "absolute"), ("", "empty"),
+    ("http://evil.example/x.tar", "'/'"), ("evil:x.tar", "':'"), ("//evil.example/x.tar", "'/'"), ("", "empty"),
+    ("..", "starts with '.'"), (".hidden.tar", "starts with '.'"),
 ])
 def test_bad_shard_names_are_rejected_naming_them(tmp_path, name, problem):
     for base in (str(tmp_path), "http://127.0.0.1:1/d/", "s3://bucket/d", "pipe:cat d/{name}"):
@@ -143,8 +144,7 @@ def test_bad_shard_names_are_rejected_naming_them(tmp_path, name, problem):
 
 def test_names_stay_on_the_host_and_are_quoted():
     base = "https://data.example:8443/sets/voc/"
-    for name in ("a.tar", "sub/b.tar", "x?y=1.tar", "x#frag.tar", "evil.com/x.tar", "@x.tar",
-                 "%2e%2e/x.tar", ":x.tar"):
+    for name in ("a.tar", "x?y=1.tar", "x#frag.tar", "@x.tar", "%2e%2e.tar", "a b.tar"):
         url = join_shard(base, name)
         parts = urllib.parse.urlsplit(url)
         assert (parts.scheme, parts.netloc) == ("https", "data.example:8443")
@@ -238,7 +238,7 @@ def test_missing_manifest_is_a_config_error_before_training(tmp_path, server):
         check_config(cfg)
     assert "s3cr3t" not in str(e.value)
     cfg = load_config(None, ["data.num_classes=3", f"data.train_shards={server.url()}"])
-    assert check_config(cfg)["num_samples"] == sum(COUNTS)
+    assert check_config(cfg, world_size=1)[1]["num_samples"] == sum(COUNTS)
 
 
 def test_cache_fetches_each_shard_once_per_node_and_refetches_a_corrupt_copy(
