@@ -16,6 +16,7 @@ from torch import nn
 from epsdist import stage1
 from epsdist.config import load_config
 from epsdist.models import EPSNet, TinyBackbone, build_model
+from epsdist.runloop import set_lr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = ["voc_eps", "coco_eps", "voc_cam_baseline", "coco_cam_baseline"]
@@ -76,7 +77,7 @@ def test_optimizer_of_each_paper_recipe_is_the_released_update_rule(name):
     grads = [[rng.normal(size=p.shape).astype(np.float32) for p in params] for _ in range(50)]
     engine = types.SimpleNamespace(optimizer=opt)            # what set_lr needs of the engine
     for it, g in enumerate(grads):
-        stage1.set_lr(engine, cfg, it)
+        set_lr(engine, cfg, it)
         for p, gi in zip(params, g):
             p.grad = torch.from_numpy(gi)
         opt.step()

@@ -183,7 +183,8 @@ def test_infer_writes_nothing_outside_its_output_folder(crafted):
     outside = sorted(p for p in new if not p.startswith(os.path.join("run", "deep", "er"))
                      and p not in ("run", os.path.join("run", "deep")))
     assert outside == []
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 1, res.stderr[-3000:]           # skips: exit 1 without --allow-skips
+    assert f"{len(keys)} image(s) skipped" in res.stderr
     for key in keys:
         assert f"skipping {key!r}: unsafe sample key" in res.stderr
     good = total - len(keys)
