@@ -55,7 +55,8 @@ class StopRequest:
     see ``epsdist.dist.watch_launcher``) sets a flag; the trainers agree on it across ranks
     inside the per-step all-reduce (ranks receive the signal at slightly different times),
     write a checkpoint at that iteration and exit with ``PREEMPT_EXIT``. Install it before
-    DataLoader workers start; a forked worker keeps the default action (it exits)."""
+    DataLoader workers start. A forked loader worker ignores SIGUSR1 (Slurm delivers it to every
+    process of the step; the trainer checkpoints) and exits on SIGTERM."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -66,8 +67,10 @@ class StopRequest:
             signal.signal(signum, self._set)
 
     def _set(self, signum, frame) -> None:
-        if os.getpid() != self.pid:             # a forked loader worker: the default (exit)
-            signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() != self.pid:             # a forked loader worker, before its init ran
+            if signum == signal.SIGUSR1:        # the trainer process checkpoints; carry on
+                return
+            signal.signal(signum, signal.SIG_DFL)    # SIGTERM: the default (exit)
             os.kill(os.getpid(), signum)
             return
         self.requested = True

@@ -597,3 +597,26 @@ def test_a_crafted_deepspeed_file_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(CheckpointError, match=f"{path / 'model.pt'} names Python globals"):
         ck.load(UnsafeEngine(), str(path))
     assert not marker.exists()
+
+
+def test_a_forked_loader_worker_ignores_sigusr1_and_exits_on_sigterm():
+    """Slurm's `scancel --signal=USR1` reaches every process of the step, loader workers too,
+    possibly before their init ignores it: the inherited handler must not end the worker."""
+    import multiprocessing
+    import signal
+    from epsdist.checkpoint import StopRequest
+    saved = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    try:
+        stop = StopRequest()
+        ctx = multiprocessing.get_context("fork")
+        codes = {}
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            child = ctx.Process(target=lambda s=signum: os.kill(os.getpid(), s))
+            child.start()
+            child.join(30)
+            codes[signum] = child.exitcode
+        assert codes == {signal.SIGUSR1: 0, signal.SIGTERM: -signal.SIGTERM}
+        assert not stop.requested                    # the children's signals are theirs
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
