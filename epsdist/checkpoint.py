@@ -161,7 +161,7 @@ def _broken_torch_file(directory: str) -> str | None:
 
 
 def refuse_unsafe_pickles(path: str) -> None:
-    """DeepSpeed loads its own checkpoint files with ``torch.load(weights_only=False)``. Before
+    """DeepSpeed loads its own checkpoint files with the unrestricted unpickler. Before
     it does, every ``*.pt`` of the checkpoint directory is scanned (the pickle's opcodes are
     read, nothing is run): a file that names any Python global outside what
     ``weights_only=True`` allows is refused, naming the file and the globals. epsdist's own
