@@ -160,18 +160,31 @@ def _broken_torch_file(directory: str) -> str | None:
     return None
 
 
+# DeepSpeed's optimizer-state files under ZeRO stages 1-3 (and fp16's loss scaling) pickle a few
+# of its own plain data classes. Unpickling one calls that class (an enum, a dataclass, a loss
+# scaler that stores its arguments) and sets attributes: no other code runs, whatever the file.
+DEEPSPEED_DATA_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+})
+
+
 def refuse_unsafe_pickles(path: str) -> None:
     """DeepSpeed loads its own checkpoint files with the unrestricted unpickler. Before
     it does, every ``*.pt`` of the checkpoint directory is scanned (the pickle's opcodes are
     read, nothing is run): a file that names any Python global outside what
-    ``weights_only=True`` allows is refused, naming the file and the globals. epsdist's own
-    checkpoints never name one, so a refused file was made by something else."""
+    ``weights_only=True`` allows and ``DEEPSPEED_DATA_GLOBALS`` is refused, naming the file and
+    the globals. epsdist's own checkpoints never name one, so a refused file was made by
+    something else."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
     for name in sorted(os.listdir(path)):
         if name.endswith(".pt"):
             file = os.path.join(path, name)
             try:
-                unsafe = get_unsafe_globals_in_checkpoint(file)
+                unsafe = [g for g in get_unsafe_globals_in_checkpoint(file)
+                          if g not in DEEPSPEED_DATA_GLOBALS]
             except Exception:                   # noqa: BLE001  (not a torch zip: load names it)
                 continue
             if unsafe:
