@@ -57,14 +57,13 @@ DEFAULT_HTTP_COMMAND = ("curl --fail --silent --show-error --location --netrc-op
 
 
 @dataclass
-class DataConfig:
-    """Shards to read and the augmentation that turns them into batches."""
+class ShardsConfig:
+    """What both stages' ``data`` sections share: where the shards are and how they are read.
+    A shard location is a directory holding *.tar shards and manifest.json, or its URL."""
 
-    train_shards: str = ""  # a directory holding *.tar shards and manifest.json
-    val_shards: str = ""
+    train_shards: str = ""  # stage 1: the dataset's shards; stage 2: OUT/shards of infer.py
+    val_shards: str = ""  # ground-truth shards (python -m epsdist.data.shard ... --split val)
     num_classes: int = 20  # foreground classes C (background is extra)
-    crop_size: int = 448
-    resize_long: tuple[int, int] = (256, 512)  # random long-side resize range, inclusive
     num_workers: int = 2
     shuffle_buffer: int = 256  # raw samples shuffled per loader worker
     cache_dir: str = ""  # remote shards (URLs) are fetched once per node into this dir; "" = stream
@@ -73,6 +72,14 @@ class DataConfig:
     http_command: str = DEFAULT_HTTP_COMMAND  # prints {url} (http/https) to stdout
     s3_command: str = "aws s3 cp {url} -"  # prints {url} (s3://) to stdout; or "mc cat ..."
     gs_command: str = "gsutil cat {url}"  # prints {url} (gs://) to stdout
+
+
+@dataclass
+class DataConfig(ShardsConfig):
+    """Stage 1's shards and the augmentation that turns them into batches."""
+
+    crop_size: int = 448
+    resize_long: tuple[int, int] = (256, 512)  # random long-side resize range, inclusive
 
 
 @dataclass
@@ -263,22 +270,12 @@ def _validate_common(need, cfg) -> None:
 
 
 @dataclass
-class SegDataConfig:
-    """The segmentation stage's shards and its DeepLab augmentation."""
+class SegDataConfig(ShardsConfig):
+    """The segmentation stage's shards (train: pseudo-mask shards, seg.png = mask) and its
+    DeepLab augmentation; the network predicts C+1 classes (0 = background)."""
 
-    train_shards: str = ""  # pseudo-mask shards: OUT/shards of epsdist/infer.py (seg.png = mask)
-    val_shards: str = ""  # ground-truth shards (python -m epsdist.data.shard ... --split val)
-    num_classes: int = 20  # foreground classes C; the network predicts C+1 (0 = background)
     crop_size: int = 321
     scale_range: tuple[float, float] = (0.5, 1.5)  # random rescale factor, uniform in [lo, hi]
-    num_workers: int = 2
-    shuffle_buffer: int = 256  # raw samples shuffled per loader worker
-    cache_dir: str = ""  # remote shards (URLs) are fetched once per node into this dir; "" = stream
-    fetch_retries: int = 3  # a failed fetch of a remote shard or manifest is retried this often
-    fetch_backoff_s: float = 1.0  # wait before retry k (0, 1, ...) is fetch_backoff_s * 2**k
-    http_command: str = DEFAULT_HTTP_COMMAND  # prints {url} (http/https) to stdout
-    s3_command: str = "aws s3 cp {url} -"  # prints {url} (s3://) to stdout; or "mc cat ..."
-    gs_command: str = "gsutil cat {url}"  # prints {url} (gs://) to stdout
 
 
 @dataclass
