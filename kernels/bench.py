@@ -118,19 +118,23 @@ def ideal_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
 def triton_bytes(case: str, dtype: torch.dtype, mode: str) -> int:
     """Bytes the fused kernels move per call (adaptive strategy), by construction of the passes:
     the logits twice in fwd (counts pass, loss pass) and four times in fwd_bwd (+ the backward's
-    read and its gradient write); B*h*w float32 saliency samples per pass; labels once; the
-    (B, 2, C) int32 counts zeroed, added to and read; the per-program partial sums written and
-    read; in fwd_bwd the (B, BLOCK_K) coefficients written and read and the saliency a third
-    time. Computed, not measured (caches may serve part of the re-reads)."""
-    from .eps_loss import tile_config          # import here: triton only when asked
+    read and its gradient write; its second sweep over a program's channel chunks re-reads
+    the tile it has just read, from cache: not counted); B*h*w float32 saliency samples per
+    pass; labels once; the (B, 2, C) int32 counts zeroed, added to and read; the (B, 3, NK)
+    float32 coefficients written and their row a read by the loss pass (and the backward);
+    the per-program partial sums written and read. Computed, not measured (caches may serve
+    part of the re-reads)."""
+    from .eps_loss import coef_row_length, tile_config    # import here: triton only when asked
     B, K, h, w, _ = CASES[case]
     esize = torch.empty((), dtype=dtype).element_size()
     cam = B * K * h * w * esize
-    block_k, block_p, _ = tile_config(K, B, h * w)
+    block_k, block_p, _ = tile_config(K, B, h * w, elem_size=esize,
+                                      channels_last=CASE_LAYOUT.get(case) == "channels_last")
+    nk = coef_row_length(K, block_k)
     bwd = mode == "fwd_bwd"
-    small = B * (K - 1) * 4 + 3 * B * 2 * (K - 1) * 4 + 2 * B * -(-h * w // block_p) * 4
-    return (cam * (4 if bwd else 2) + B * h * w * 4 * (3 if bwd else 2) + small
-            + (2 * B * block_k * 4 if bwd else 0))
+    small = (B * (K - 1) * 4 + 3 * B * 2 * (K - 1) * 4 + 2 * B * -(-h * w // block_p) * 4
+             + B * 3 * nk * 4 + B * nk * 4 * (2 if bwd else 1))
+    return cam * (4 if bwd else 2) + B * h * w * 4 * (3 if bwd else 2) + small
 
 
 def _distinct_bytes(t: torch.Tensor) -> int:

@@ -8,7 +8,11 @@ evaluation and logging paths use), specialises them exactly as ``kernel[grid](..
 deduplicates, and compiles each through Triton's compiler down to a cubin with the ptxas in the
 triton wheel. ptxas's verbose log gives registers and spill bytes; ``nvdisasm`` (also in the
 wheel) gives the SASS instruction and warp-shuffle counts, printed per kernel as a proxy for
-the instruction cost. Exit status 1 on a compile error or on any spill.
+the instruction cost. The EPS-loss kernels loop over channel chunks: ``loop`` is the SASS of
+their loop bodies, ``exec`` an estimate of the instructions each thread executes (static count
++ loop bodies x (cdiv(K, BLOCK_K) - 1): every loop taken as running over all chunks) and
+``i/px`` that times the program's threads over its BLOCK_P pixels: thread instructions per
+pixel, comparable across tile shapes. Exit status 1 on a compile error or on any spill.
 
 It must run WITHOUT ``TRITON_INTERPRET=1`` (with it, ``@triton.jit`` gives interpreted
 functions, which cannot be compiled): the test suite runs it in a subprocess.
@@ -31,6 +35,7 @@ import torch
 TARGETS = {80: 108, 90: 132}           # compute capability -> SMs of its card (A100, H100/H200)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("contiguous", "channels_last")
+PIXEL_KERNELS = ("_overlap_counts_kernel", "_loss_kernel", "_grad_kernel")   # chunk loops
 
 
 def eps_loss_jobs(n_sm: int):
@@ -47,17 +52,15 @@ def eps_loss_jobs(n_sm: int):
                 labels = torch.empty((B, K - 1))
                 force_bg = torch.zeros(K - 1, dtype=torch.uint8)
                 tag = f"{case} {dname} {layout}"
-                # training (adaptive, or naive for the fp32 contiguous tile) and backward for
-                # every dtype and layout; the evaluation / logging variants (small constexpr
-                # branches of the same kernel) once per case
-                variants = [("train", None, True, False)]
+                # training (adaptive) and backward for every dtype and layout; the logging
+                # variant (a constexpr branch of the loss kernel) and the naive strategy's
+                # coefficient kernel once per case
+                variants = [("train", None, False)]
                 if dname == "fp32" and layout == "contiguous":
-                    variants += [("eval", None, False, False), ("maps", None, False, True),
-                                 ("naive", force_bg, True, False)]
-                for what, fbg, coef, maps in variants:
+                    variants += [("maps", None, True), ("naive", force_bg, False)]
+                for what, fbg, maps in variants:
                     launches, _, _, c, _ = forward_launches(
-                        cam, sal, labels, fbg, tau=0.4, lam=0.5, write_coef=coef,
-                        write_maps=maps, n_sm=n_sm)
+                        cam, sal, labels, fbg, tau=0.4, lam=0.5, write_maps=maps, n_sm=n_sm)
                     jobs += [(f"{tag} {what}", launch) for launch in launches]
                     if what == "train":
                         gout = torch.ones((), dtype=torch.float32)
@@ -92,15 +95,15 @@ def _specialise(launch, backend):
     return kernel._pack_args(backend, dict(launch.meta), bound, spec, options)
 
 
-_JOBS: list = []                       # (arch, label, kernel, signature, constexprs, attrs, options)
+_JOBS: list = []      # (arch, label, kernel, signature, constexprs, attrs, options, shape)
 
 
 def _compile_one(i: int) -> dict:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    arch, label, kernel, sig, constexprs, attrs, options = _JOBS[i]
-    out = dict(arch=arch, kernel=kernel.__name__, label=label, error=None)
+    arch, label, kernel, sig, constexprs, attrs, options, shape = _JOBS[i]
+    out = dict(arch=arch, kernel=kernel.__name__, label=label, error=None, exec=None, ipx=None)
     log = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True
     try:
@@ -119,6 +122,10 @@ def _compile_one(i: int) -> dict:
                stack_bytes=int(stack.group(1)) if stack else None,
                ptxas_log_found=bool(regs and spill))
     out.update(_sass_counts(compiled.asm["cubin"]))
+    if shape:                                   # (chunks, pixels per program)
+        chunks, block_p = shape
+        out["exec"] = out["sass"] + out["loop"] * (chunks - 1)
+        out["ipx"] = out["exec"] * 32 * options["num_warps"] / block_p
     return out
 
 
@@ -130,9 +137,21 @@ def _sass_counts(cubin: bytes) -> dict:
         fh.flush()
         sass = subprocess.run([nvdisasm, "-c", fh.name], capture_output=True, text=True,
                               check=True).stdout
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    ops, labels, loop = [], {}, 0
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if op:
+            ops.append(op.group(1))
+            target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+            # a backward branch closes a loop (a branch to itself is the trap after EXIT)
+            if target and labels.get(target.group(1), len(ops)) < len(ops) - 1:
+                loop += len(ops) - labels[target.group(1)]
     return dict(sass=len(ops), shfl=sum(op.startswith("SHFL") for op in ops),
-                ldg=sum(op.startswith("LDG") for op in ops))
+                ldg=sum(op.startswith("LDG") for op in ops), loop=loop)
 
 
 def build_jobs(archs) -> list:
@@ -144,13 +163,17 @@ def build_jobs(archs) -> list:
         n_sm = TARGETS[arch]
         for label, launch in eps_loss_jobs(n_sm) + cam_post_jobs(n_sm):
             options, sig, constexprs, attrs = _specialise(launch, backend)
+            shape = None
+            if launch.kernel.__name__ in PIXEL_KERNELS:
+                K, block_k = launch.args[0].shape[1], launch.meta["BLOCK_K"]
+                shape = (-(-K // block_k), launch.meta["BLOCK_P"])
             key = (arch, launch.kernel.__name__, repr(sorted(sig.items())),
                    repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
                    repr(sorted(options.__dict__.items())))
             if key not in seen:
                 seen.add(key)
                 jobs.append((arch, label, launch.kernel, sig, constexprs, attrs,
-                             options.__dict__))
+                             options.__dict__, shape))
     return jobs
 
 
@@ -175,7 +198,7 @@ def main(argv=None) -> int:
             results = pool.map(_compile_one, range(len(_JOBS)))
     failed = 0
     print(f"{'arch':<5} {'kernel':<28} {'regs':>4} {'spill':>5} {'sass':>5} {'shfl':>4} "
-          f"{'ldg':>4}  first configuration using it")
+          f"{'ldg':>4} {'loop':>5} {'exec':>5} {'i/px':>5}  first configuration using it")
     for r in sorted(results, key=lambda r: (r["kernel"], r["arch"], r["label"])):
         if r["error"]:
             failed += 1
@@ -184,7 +207,9 @@ def main(argv=None) -> int:
         bad = not r["ptxas_log_found"] or r["spill_bytes"] != 0
         failed += bad
         print(f"sm_{r['arch']} {r['kernel']:<28} {r['regs']:>4} {r['spill_bytes']!s:>5} "
-              f"{r['sass']:>5} {r['shfl']:>4} {r['ldg']:>4}  {r['label']}"
+              f"{r['sass']:>5} {r['shfl']:>4} {r['ldg']:>4} {r['loop']:>5} "
+              f"{r['exec'] if r['exec'] is not None else '-':>5} "
+              f"{format(r['ipx'], '.0f') if r['ipx'] is not None else '-':>5}  {r['label']}"
               + ("   <-- SPILLS (or no ptxas log)" if bad else ""))
     print(f"{len(results)} distinct compilations, {failed} failed, "
           f"{time.perf_counter() - t0:.0f} s")

@@ -184,6 +184,73 @@ def test_bf16_gradient_has_no_bias_from_grad_output(device):
     assert abs(bias) < 5e-4, bias
 
 
+@pytest.mark.parametrize("layout", [None, "channels_last"], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("K", [81, 130])
+def test_channel_chunks_match_reference(K, dtype, layout, device):
+    """K = 81 (COCO) and K = 130 are walked in chunks of channels with an online softmax; only
+    the last chunk is padded. Loss, gradient and maps match the float64 reference."""
+    from epsdist_kernels.eps_loss import tile_config
+    esize = torch.empty((), dtype=dtype).element_size()
+    block_k, _, _ = tile_config(K, 2, 9 * 11, channels_last=layout is not None,
+                                elem_size=esize)
+    n_chunks = -(-K // block_k)
+    assert n_chunks >= 10                                   # a real loop over chunks
+    assert n_chunks * block_k - K < block_k                 # padding: the last chunk only
+    assert n_chunks * block_k < 2 ** math.ceil(math.log2(K))    # less than a power of two
+    cam, sal, labels = make_inputs(2, K, 9, 11, 20, 23, seed=19, label_p=0.3, device=device)
+    # the running max grows in later chunks for some pixels, shrinks for none
+    cam[:, K - 1 - block_k:, 2:5] += 6.0
+    got, ref = run_both(cam, sal, labels, dtype=dtype, grad_scale=2.0, layout=layout)
+    assert_matches(got, ref, tol=1e-5 if dtype == torch.float32 else 1e-2, grad_scale=2.0)
+    if dtype == torch.float32:                  # the counts pass selected classes both ways
+        p = torch.softmax(cam.double(), 1)
+        assert (p[:, :K - 1] > 0.5).any()
+
+
+def test_logits_minus_inf_over_whole_chunks(device):
+    """A pixel whose first chunks are all -inf (the running max is -inf for a while) gets the
+    softmax of its finite logits, not NaN."""
+    cam, sal, labels = make_inputs(2, 81, 7, 9, 14, 18, seed=20, device=device)
+    cam[:, :40, 1:3] = float("-inf")
+    got, ref = run_both(cam, sal, labels, grad_scale=1.0)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all()
+    assert_matches(got, ref, tol=1e-5)
+
+
+def test_block_p_fills_the_gpu_for_the_benchmark_cases():
+    """The launcher picks pixels per program so that every benchmark case, dtype and layout
+    gives the 132 SMs of an H100/H200 at least two programs each, and programs no smaller than
+    that needs: with twice the pixels the grid would fall short (or the tile is already the
+    largest, 4 warps x 16 bytes of pixels per thread)."""
+    from epsdist_kernels import bench
+    from epsdist_kernels.eps_loss import backward_launch, forward_launches
+    n_sm = 132
+    for case, (B, K, h, w, S) in bench.CASES.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                cam = torch.empty((B, K, h, w), dtype=dtype).contiguous(memory_format=fmt)
+                sal, labels = torch.empty((B, 1, S, S)), torch.empty((B, K - 1))
+                launches, _, _, coef, _ = forward_launches(cam, sal, labels, None, tau=0.4,
+                                                           lam=0.5, write_maps=False, n_sm=n_sm)
+                pixel = [ln for ln in launches if "BLOCK_P" in ln.meta]
+                pixel.append(backward_launch(cam, sal, coef, torch.ones(()), cam, lam=0.5,
+                                             n_sm=n_sm))
+                for ln in pixel:
+                    block_p = ln.meta["BLOCK_P"]
+                    assert ln.grid == (B, -(-h * w // block_p))
+                    assert B * ln.grid[1] >= 2 * n_sm, (case, dtype, fmt, ln.grid)
+                    largest = 4 * 32 * (1 if fmt == torch.channels_last
+                                        else 16 // cam.element_size())
+                    assert block_p == largest or B * -(-h * w // (2 * block_p)) < 2 * n_sm
+    # VOC (8 images of 56 x 56, K = 21, float32): 64 pixels per program, 8 x 49 programs
+    # (whole-K tiles of 256 pixels gave 104 programs for 132 SMs)
+    cam = torch.empty((8, 21, 56, 56))
+    launches = forward_launches(cam, torch.empty((8, 1, 448, 448)), torch.empty((8, 20)), None,
+                                tau=0.4, lam=0.5, write_maps=False, n_sm=n_sm)[0]
+    assert launches[-1].grid == (8, 49)
+
+
 def test_probabilities_exactly_at_half(device):
     """p == 0.5 exactly (two equal logits, the rest -100) must not count as > 0.5; with the
     tie everywhere no class has overlap, so at tau=0 every labelled class goes to bg."""
