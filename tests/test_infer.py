@@ -157,13 +157,13 @@ def test_bad_inputs_name_the_argument(setup, tmp_path):
 def infer_injected(root, out, fail_key, *extra):
     """infer.py with an out-of-memory error injected into the inference of image ``fail_key``."""
     code = ("import sys, torch\n"
-            "from epsdist import infer\n"
-            "real = infer.infer_sample\n"
-            "def failing(model, sample, key, *a):\n"
-            f"    if key == {fail_key!r}:\n"
+            "from epsdist import infer, infer_pipeline\n"
+            "real = infer_pipeline.infer_group\n"
+            "def failing(model, items, job):\n"
+            f"    if any(it.key == {fail_key!r} for it in items):\n"
             "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.4 GiB')\n"
-            "    return real(model, sample, key, *a)\n"
-            "infer.infer_sample = failing\n"
+            "    return real(model, items, job)\n"
+            "infer_pipeline.infer_group = failing\n"
             "sys.exit(infer.main(sys.argv[1:]))\n")
     cmd = [sys.executable, "-c", code, "--config", CONFIG, "--checkpoint",
            str(root / "export" / "model.pt"), "--shards", str(root / "shards"), "--out", str(out),
@@ -206,9 +206,8 @@ def test_capped_resolution_and_a_failing_image_is_a_named_skip(setup, tmp_path):
 def test_working_resolution_bounds_every_view(setup, tmp_path):
     from epsdist.config import InferConfig
     from epsdist.infer_guard import working_size
-    from epsdist_kernels.cam_post import cam_to_mask
-    from epsdist import infer as infer_mod
-    import argparse
+    from epsdist.infer_outputs import write_outputs
+    from epsdist.infer_pipeline import Job, decode_sample, infer_group
     root, model = setup
     assert working_size(6000, 8000, 1024) == (768, 1024)
     assert working_size(375, 500, 1024) == (375, 500)
@@ -223,14 +222,14 @@ def test_working_resolution_bounds_every_view(setup, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(buf, format="JPEG")
     sample = {"__key__": "big", "jpg": buf.getvalue(), "cls.json": b"[1,0,1,0]"}
-    dirs = {d: str(tmp_path / d) for d in ("masks", "cams", "panels")}
-    for d in dirs.values():
+    job = Job("", {}, str(tmp_path), InferConfig(max_side=64, impl="torch"), cams=True, panels=1)
+    for d in job.dirs.values():
         os.makedirs(d)
-    icfg = InferConfig(max_side=64, impl="torch")
-    assert infer_mod.infer_sample(Recording().eval(), sample, "big", icfg, True, 4, dirs,
-                                  argparse.Namespace(cams=True), True, cam_to_mask,
-                                  torch.device("cpu"))
-    assert seen and max(max(s) for s in seen) <= 64 * max(icfg.scales)
+    item = decode_sample(sample, 0, job)
+    assert item.status == "ok" and tuple(item.image.shape) == (43, 64, 3)
+    (result,) = infer_group(Recording().eval(), [item], job)
+    write_outputs(item, result, job.dirs, cams=True)
+    assert seen and max(max(s) for s in seen) <= 64 * max(job.icfg.scales)
     assert np.asarray(Image.open(tmp_path / "masks" / "big.png")).shape == (200, 300)
     cams = np.load(tmp_path / "cams" / "big.npz")
     assert cams["cams"].shape == (2, 200, 300)
