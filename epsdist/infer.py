@@ -95,15 +95,11 @@ def main(argv=None) -> int:
     model = build_inference_model(export, info.device, cfg.infer.compile)
     job = Job(args.shards, manifest, args.out, cfg.infer, eps, info.device, info.rank,
               info.world_size, args.cams, args.panels, fetch)
-    progress = progress_bar(info, manifest)
     try:
-        counts = run(model, job, progress)
+        counts = run(model, job, progress_bar(info, manifest))
     except WriteError as e:                     # never a silently missing mask
         print(f"error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
         return 1
-    finally:
-        if progress is not None:
-            progress.close()
     totals = torch.tensor([counts["written"], counts["existing"], counts["skipped"]])
     D.all_reduce_sum(totals)
     D.barrier()

@@ -259,7 +259,8 @@ def sigterm_exits():
 
 def run(model, job: Job, progress=None) -> Counter:
     """Masks (and CAMs, panels) of the rank's images of ``job``. Returns the counts
-    ``written``, ``existing``, ``skipped`` (each skip named on stderr); raises WriteError."""
+    ``written``, ``existing``, ``skipped`` (each skip named on stderr); raises WriteError.
+    ``progress``: a tqdm bar, advanced per image and closed at the end."""
     for d in job.dirs.values():
         os.makedirs(d, exist_ok=True)
     workers, cuda = job.icfg.workers, job.device.type == "cuda"
@@ -299,4 +300,6 @@ def run(model, job: Job, progress=None) -> Counter:
         # the decode workers end now, not when the iterator is collected (an exception's
         # traceback may hold it): DataLoader's own shutdown, as at the end of an epoch
         getattr(items, "_shutdown_workers", lambda: None)()
+        if progress is not None:
+            progress.close()
     return counts
