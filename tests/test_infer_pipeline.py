@@ -215,3 +215,17 @@ def test_writer_raises_the_first_failure_on_submit_and_close():
         w.close()
     assert done[0] == 1 and not any(t.is_alive() for t in w.threads)
     w.close()                                 # a second close does nothing
+
+
+def test_the_benchmark_runs(tmp_path, capsys):
+    """``python -m epsdist.infer_bench`` (BENCHMARKS.md's inference rows) at a tiny size."""
+    import json
+
+    from epsdist import infer_bench
+    out = tmp_path / "bench.json"
+    assert infer_bench.main(["--images", "3", "--size", "64", "--batch-images", "1", "2",
+                             "--workers", "0", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch_images"], r["workers"]) for r in rows] == [(1, 0), (2, 0)]
+    assert all(r["ms_per_image"] > 0 and len(r["runs_ms"]) == 1 for r in rows)
+    assert "| 2 | 0 |" in capsys.readouterr().out
