@@ -25,14 +25,16 @@ Output under OUT:
   infer_state.json   the checkpoint's sha256 and the settings that made the masks
 Images are split across ranks by index; a rerun skips images whose outputs exist (every file
 is written under a temporary name and renamed), so an interrupted run continues -- but only
-with the same checkpoint (sha256) and settings (``infer.*``, model kind, classes, precision):
+with the same checkpoint (sha256) and settings (``infer.*`` but the speed-only ``compile``,
+``batch_images`` and ``workers``; model kind, classes, precision):
 a mismatch is an error naming what differs (exit 2), unless ``--overwrite``, which first
 removes the previous masks, CAMs, panels, shards, report and state (only those files).
 
 An image larger than ``infer.max_side`` (long side) is processed at that size and its mask
 resized back (nearest) to the original size, so one image's memory is bounded. An image that
 cannot be decoded or still fails (RuntimeError, e.g. out of memory, or MemoryError) is a
-named, counted skip; the run finishes, reports, and exits 1 unless ``--allow-skips``.
+named, counted skip; the run finishes, reports, and exits 1 unless ``--allow-skips``. An output
+that cannot be written stops the run: exit 1, an ``error:`` line naming the file.
 """
 from __future__ import annotations
 

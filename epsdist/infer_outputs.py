@@ -5,7 +5,6 @@ each written atomically, the mask last (its existence marks the image as done); 
 naming the file, raised in the main thread: never a silently missing mask."""
 from __future__ import annotations
 
-import contextlib
 import io
 import queue
 import threading
@@ -104,7 +103,7 @@ class Writer:
     def __init__(self, threads: int = 2, depth: int = 8):
         self.queue: queue.Queue = queue.Queue(depth)
         self.error: BaseException | None = None
-        self.closed = False
+        self.aborted = self.closed = False
         self.threads = [threading.Thread(target=self._work, name=f"epsdist-writer-{i}",
                                          daemon=True) for i in range(threads)]
         for t in self.threads:
@@ -112,7 +111,7 @@ class Writer:
 
     def _work(self) -> None:
         while (task := self.queue.get()) is not None:
-            if self.error is None:
+            if self.error is None and not self.aborted:
                 try:
                     task[0](*task[1:])
                 except BaseException as e:      # noqa: BLE001 -- handed to the main thread
@@ -130,17 +129,13 @@ class Writer:
         self.queue.put((fn, *args))
 
     def close(self, abort: bool = False) -> None:
-        """Wait for the queued tasks (``abort``: drop them) and the threads; raise a failure.
-        A second call does nothing."""
-        if self.closed:
-            return
-        self.closed = True
-        if abort:
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    self.queue.get_nowait()
-        for _ in self.threads:
-            self.queue.put(None)
+        """Wait for the queued tasks (``abort``: drop those not started; also after a close
+        that was interrupted) and for the threads; then raise a failure (not when aborting)."""
+        self.aborted = self.aborted or abort
+        if not self.closed:
+            self.closed = True
+            for _ in self.threads:              # one stop mark per thread, after the tasks
+                self.queue.put(None)
         for t in self.threads:
             t.join()
         if not abort:
