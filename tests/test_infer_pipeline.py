@@ -229,3 +229,15 @@ def test_the_benchmark_runs(tmp_path, capsys):
     assert [(r["batch_images"], r["workers"]) for r in rows] == [(1, 0), (2, 0)]
     assert all(r["ms_per_image"] > 0 and len(r["runs_ms"]) == 1 for r in rows)
     assert "| 2 | 0 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override,key", [("infer.batch_images=0", "infer.batch_images"),
+                                          ("infer.workers=-1", "infer.workers")])
+def test_speed_settings_are_checked_and_do_not_stop_a_resume(override, key):
+    from epsdist.config import ConfigError, to_dict
+    from epsdist.infer_guard import inference_state
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIG, [override])
+    cfg = load_config(CONFIG, ["infer.batch_images=7", "infer.workers=0"])
+    state = inference_state("sha", to_dict(cfg.infer), True, ["a"], "cpu")
+    assert state == inference_state("sha", to_dict(load_config(CONFIG).infer), True, ["a"], "cpu")
