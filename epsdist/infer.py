@@ -5,11 +5,13 @@
     (also plain python, torchrun and srun)
 
 For every image: the views are the scales ``infer.scales`` (0.5, 1, 1.5, 2) and, with
-``infer.flip``, their horizontal flips, batched per scale; EPS models give softmax(C+1 maps),
+``infer.flip``, their horizontal flips, batched per scale together with the views of up to
+``infer.batch_images`` images of the same working size; EPS models give softmax(C+1 maps),
 CAM-baseline models ReLU'd CAMs; the fused CAM kernel (``epsdist_kernels.cam_post``) upsamples
 each view bilinearly to the original size, sums the views of the image's labelled classes,
 divides each class map by its max (+1e-5), puts the background score ``infer.bg_threshold``
-in front and takes the argmax.
+in front and takes the argmax. ``infer.workers`` processes decode the images and a few threads
+write the outputs while the network runs (``epsdist.infer_pipeline``); neither changes a mask.
 
 Output under OUT:
   masks/<key>.png    the pseudo-mask (VOC palette PNG, original size; 0 = background, c+1 = class c)
@@ -23,40 +25,37 @@ Output under OUT:
   infer_state.json   the checkpoint's sha256 and the settings that made the masks
 Images are split across ranks by index; a rerun skips images whose outputs exist (every file
 is written under a temporary name and renamed), so an interrupted run continues -- but only
-with the same checkpoint (sha256) and settings (``infer.*``, model kind, classes, precision):
+with the same checkpoint (sha256) and settings (``infer.*`` but the speed-only ``compile``,
+``batch_images`` and ``workers``; model kind, classes, precision):
 a mismatch is an error naming what differs (exit 2), unless ``--overwrite``, which first
 removes the previous masks, CAMs, panels, shards, report and state (only those files).
 
 An image larger than ``infer.max_side`` (long side) is processed at that size and its mask
 resized back (nearest) to the original size, so one image's memory is bounded. An image that
 cannot be decoded or still fails (RuntimeError, e.g. out of memory, or MemoryError) is a
-named, counted skip; the run finishes, reports, and exits 1 unless ``--allow-skips``.
+named, counted skip; the run finishes, reports, and exits 1 unless ``--allow-skips``. An output
+that cannot be written stops the run: exit 1, an ``error:`` line naming the file.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from epsdist import dist as D
-from epsdist.cams import build_inference_model, load_export, view_maps
+from epsdist.cams import build_inference_model, load_export
 from epsdist.config import add_config_args, config_from_args, dump_yaml, run_cli, to_dict
-from epsdist.data.augment import DecodeError, decode_gray, decode_rgb
-from epsdist.data.manifest import (CLS_FIELD, IMAGE_FIELDS, SAL_FIELD, SEG_FIELD,
-                                   atomic_write_bytes, read_manifest, sha256_file,
+from epsdist.data.manifest import (SEG_FIELD, atomic_write_bytes, read_manifest, sha256_file,
                                    write_manifest)
-from epsdist.data.masks import PALETTE, encode_mask
 from epsdist.data.source import fetch_options, is_remote, iter_shard, redact
 from epsdist.data.safepath import key_path, key_problem, shard_path
 from epsdist.infer_guard import (StaleOutput, check_resumable, clear_previous, inference_state,
-                                 model_config_notice, working_size, write_state)
+                                 model_config_notice, write_state)
+from epsdist.infer_outputs import WriteError
+from epsdist.infer_pipeline import Job, run
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="epsdist/infer.py", description=__doc__.split("\n")[0])
@@ -77,25 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_intermixed_args(argv)        # overrides before and after the options
 
 
-def panel(image: np.ndarray, sal: np.ndarray | None, norm: np.ndarray, mask: np.ndarray,
-          gt: np.ndarray | None) -> np.ndarray:
-    """image | saliency | one CAM per labelled class | pseudo-mask | ground truth, side by side."""
-    pal = np.array(PALETTE, dtype=np.uint8).reshape(256, 3)
-    gray = lambda m: np.repeat((np.clip(m, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)  # noqa: E731
-    tiles = [image]
-    if sal is not None:
-        tiles.append(np.repeat(sal[..., None], 3, -1))
-    tiles += [gray(c) for c in norm]
-    tiles.append(pal[mask])
-    if gt is not None:
-        tiles.append(pal[gt])
-    sep = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1)
-
-
 def main(argv=None) -> int:
-    from epsdist_kernels.cam_post import cam_to_mask
-
     args = parse_args(argv)
     cfg = config_from_args(args)
     if args.print_config:
@@ -109,78 +90,32 @@ def main(argv=None) -> int:
                          f"was trained on {export['classes']}")
     info = D.setup(cfg.run.dist_timeout_s)
     eps = export["config"]["model"]["eps_head"]
-    notice = model_config_notice(to_dict(cfg.model), export["config"]["model"])
-    if info.is_main and notice and (args.config or any(o.strip().startswith("model.")
-                                                        for o in args.overrides)):
-        print(notice, file=sys.stderr, flush=True)
-    state = inference_state(sha256_file(args.checkpoint), to_dict(cfg.infer), eps,
-                            export["classes"], info.device.type)
-    try:
-        check_resumable(args.out, state, args.overwrite)
-    except StaleOutput as e:
-        if info.is_main:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    state = prepare_output(args, cfg, export, info)
+    if state is None:
         D.shutdown()
         return 2
-    D.barrier()                                 # every rank has read the old state
-    if info.is_main:
-        if args.overwrite:
-            clear_previous(args.out)
-        write_state(args.out, state)
-    D.barrier()
     model = build_inference_model(export, info.device, cfg.infer.compile)
-    C = len(export["classes"])
-    dirs = {d: os.path.join(args.out, d) for d in ("masks", "cams", "panels")}
-    for d in dirs.values():
-        os.makedirs(d, exist_ok=True)
-
-    def done(key):
-        return (os.path.exists(key_path(dirs["masks"], key, ".png"))
-                and (not args.cams or os.path.exists(key_path(dirs["cams"], key, ".npz"))))
-
-    progress = None
-    if info.is_main:
-        from tqdm import tqdm
-        progress = tqdm(total=-(-manifest["num_samples"] // info.world_size), unit="img",
-                        desc=f"pseudo-masks (rank 0 of {info.world_size})",
-                        mininterval=1 if sys.stderr.isatty() else 30)
-    counts = {"written": 0, "existing": 0, "skipped": 0}
-    offset = 0
-    for entry in manifest["shards"]:
-        start = offset
-        mine = lambda i, start=start: (start + i) % info.world_size == info.rank  # noqa: E731
-        for index, sample in iter_shard(args.shards, entry, want=mine, fetch=fetch):
-            if sample is None:
-                continue
-            key = sample["__key__"]
-            if key_problem(key):            # never a path outside OUT: skipped and named
-                print(f"skipping {key!r}: unsafe sample key, {key_problem(key)}", file=sys.stderr)
-                counts["skipped"] += 1
-            elif done(key):
-                counts["existing"] += 1
-            elif infer_or_skip(model, sample, key, cfg.infer, eps, C, dirs, args,
-                               start + index < args.panels, cam_to_mask, info.device):
-                counts["written"] += 1
-            else:
-                counts["skipped"] += 1
-            if progress is not None:
-                progress.update(1)
-        offset += entry["count"]
-    if progress is not None:
-        progress.close()
+    job = Job(args.shards, manifest, args.out, cfg.infer, eps, info.device, info.rank,
+              info.world_size, args.cams, args.panels, fetch)
+    try:
+        counts = run(model, job, progress_bar(info, manifest))
+    except WriteError as e:                     # never a silently missing mask
+        print(f"error: rank {info.rank}: {e}", file=sys.stderr, flush=True)
+        return 1
     totals = torch.tensor([counts["written"], counts["existing"], counts["skipped"]])
     D.all_reduce_sum(totals)
     D.barrier()
     written, existing, skipped = totals.tolist()
     if info.is_main:
         print(f"pseudo-masks: {written} written, {existing} already there, {skipped} skipped "
-              f"(named above) -> {dirs['masks']}", flush=True)
+              f"(named above) -> {job.dirs['masks']}", flush=True)
         if not args.no_shards:
-            write_pseudo_shards(args.shards, manifest, dirs["masks"],
+            write_pseudo_shards(args.shards, manifest, job.dirs["masks"],
                                 os.path.join(args.out, "shards"), args.checkpoint,
                                 state["checkpoint_sha256"], fetch)
         if SEG_FIELD in manifest.get("fields", [SEG_FIELD]):
-            report(args, dirs["masks"], C + 1, allow_missing=skipped > 0)
+            report(args, job.dirs["masks"], len(export["classes"]) + 1,
+                   allow_missing=skipped > 0)
     D.barrier()
     D.shutdown()
     if skipped and not args.allow_skips:
@@ -191,78 +126,39 @@ def main(argv=None) -> int:
     return 0
 
 
-def infer_or_skip(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_to_mask,
-                  device) -> bool:
-    """:func:`infer_sample`, with a failure of this one image (out of memory, ...) turned into
-    a named skip (False) so the other images still get their masks."""
+def prepare_output(args, cfg, export, info) -> dict | None:
+    """The state of this run, checked against OUT's (None: refused, the reason printed) and
+    written there (``--overwrite`` first removes the previous outputs)."""
+    notice = model_config_notice(to_dict(cfg.model), export["config"]["model"])
+    if info.is_main and notice and (args.config or any(o.strip().startswith("model.")
+                                                        for o in args.overrides)):
+        print(notice, file=sys.stderr, flush=True)
+    state = inference_state(sha256_file(args.checkpoint), to_dict(cfg.infer),
+                            export["config"]["model"]["eps_head"], export["classes"],
+                            info.device.type)
     try:
-        return infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel,
-                            cam_to_mask, device)
-    except (RuntimeError, MemoryError) as e:
-        message = str(e).splitlines()[0] if str(e) else ""
-        print(f"skipping {key}: inference failed ({type(e).__name__}: {message})",
-              file=sys.stderr, flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return False
+        check_resumable(args.out, state, args.overwrite)
+    except StaleOutput as e:
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return None
+    D.barrier()                                 # every rank has read the old state
+    if info.is_main:
+        if args.overwrite:
+            clear_previous(args.out)
+        write_state(args.out, state)
+    D.barrier()
+    return state
 
 
-def infer_sample(model, sample, key, icfg, eps, C, dirs, args, want_panel, cam_to_mask,
-                 device) -> bool:
-    image_bytes = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
-    try:
-        image = decode_rgb(image_bytes)
-        labels = torch.tensor(json.loads(sample[CLS_FIELD]), dtype=torch.float32)
-    except (DecodeError, KeyError, TypeError, ValueError) as e:
-        print(f"skipping {key}: {type(e).__name__}: {e}", file=sys.stderr)
-        return False
-    H, W = image.shape[:2]
-    h, w = working_size(H, W, icfg.max_side)
-    work = image if (h, w) == (H, W) else resize(image, h, w, Image.BILINEAR)
-    x = torch.from_numpy(work).permute(2, 0, 1)[None].to(device)
-    views, flips = view_maps(model, x, icfg.scales, icfg.flip, eps, icfg.precision)
-    need_norm = args.cams or want_panel
-    mask, norm, classes = cam_to_mask(views, flips, labels, (h, w),
-                                      icfg.bg_threshold, return_norm=need_norm, impl=icfg.impl)
-    del views
-    work_mask = mask.cpu().numpy().astype(np.uint8)
-    mask = work_mask if (h, w) == (H, W) else resize(work_mask, H, W, Image.NEAREST)
-    if args.cams:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, cams=cams_at(norm, H, W), classes=classes.cpu().numpy())
-        atomic_write_bytes(key_path(dirs["cams"], key, ".npz"), buf.getvalue())
-    if want_panel:                              # at the working resolution
-        sal = decode_gray(sample[SAL_FIELD]) if SAL_FIELD in sample else None
-        gt = (np.asarray(Image.open(io.BytesIO(sample[SEG_FIELD])))
-              if SEG_FIELD in sample else None)
-        if (h, w) != (H, W):
-            sal = resize(sal, h, w, Image.BILINEAR) if sal is not None else None
-            gt = resize(gt, h, w, Image.NEAREST) if gt is not None else None
-        grid = panel(work, sal, norm.float().cpu().numpy(), work_mask, gt)
-        buf = io.BytesIO()
-        Image.fromarray(grid).save(buf, format="PNG")
-        atomic_write_bytes(key_path(dirs["panels"], key, ".png"), buf.getvalue())
-    # the mask last: its existence marks the sample as done for a rerun
-    atomic_write_bytes(key_path(dirs["masks"], key, ".png"), encode_mask(mask))
-    return True
-
-
-def resize(array: np.ndarray, height: int, width: int, resample) -> np.ndarray:
-    """An (H, W) or (H, W, 3) uint8 array resized with Pillow (``resample``: BILINEAR for
-    images, which antialiases when shrinking; NEAREST for masks)."""
-    return np.array(Image.fromarray(array).resize((width, height), resample))
-
-
-def cams_at(norm: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """The (L, h, w) normalised CAMs as float16 at the original (height, width), bilinearly
-    upsampled one class at a time when inference ran at a smaller working size."""
-    if tuple(norm.shape[1:]) == (height, width):
-        return norm.cpu().numpy().astype(np.float16)
-    out = np.empty((norm.shape[0], height, width), np.float16)
-    for i, cam in enumerate(norm.float()):
-        out[i] = F.interpolate(cam[None, None], size=(height, width), mode="bilinear",
-                               align_corners=False)[0, 0].cpu().numpy()
-    return out
+def progress_bar(info, manifest):
+    """A tqdm bar of rank 0's images (None on the other ranks)."""
+    if not info.is_main:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=-(-manifest["num_samples"] // info.world_size), unit="img",
+                desc=f"pseudo-masks (rank 0 of {info.world_size})",
+                mininterval=1 if sys.stderr.isatty() else 30)
 
 
 def write_pseudo_shards(src: str, manifest: dict, masks_dir: str, out: str, checkpoint: str,

@@ -38,7 +38,7 @@ def working_size(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 
 # infer.* keys that change only how fast the masks are made, not the masks
-SPEED_ONLY = ("compile",)
+SPEED_ONLY = ("compile", "batch_images", "workers")
 
 
 def inference_state(checkpoint_sha256: str, infer_cfg: dict, eps: bool, classes: list,

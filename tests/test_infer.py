@@ -3,8 +3,10 @@ panels, pseudo-mask shards, the report, resumability and the 2-rank split."""
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -157,13 +159,13 @@ def test_bad_inputs_name_the_argument(setup, tmp_path):
 def infer_injected(root, out, fail_key, *extra):
     """infer.py with an out-of-memory error injected into the inference of image ``fail_key``."""
     code = ("import sys, torch\n"
-            "from epsdist import infer\n"
-            "real = infer.infer_sample\n"
-            "def failing(model, sample, key, *a):\n"
-            f"    if key == {fail_key!r}:\n"
+            "from epsdist import infer, infer_pipeline\n"
+            "real = infer_pipeline.infer_group\n"
+            "def failing(model, items, job):\n"
+            f"    if any(it.key == {fail_key!r} for it in items):\n"
             "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.4 GiB')\n"
-            "    return real(model, sample, key, *a)\n"
-            "infer.infer_sample = failing\n"
+            "    return real(model, items, job)\n"
+            "infer_pipeline.infer_group = failing\n"
             "sys.exit(infer.main(sys.argv[1:]))\n")
     cmd = [sys.executable, "-c", code, "--config", CONFIG, "--checkpoint",
            str(root / "export" / "model.pt"), "--shards", str(root / "shards"), "--out", str(out),
@@ -203,12 +205,97 @@ def test_capped_resolution_and_a_failing_image_is_a_named_skip(setup, tmp_path):
     assert f"0 written, {len(keys) - 1} already there, 1 skipped" in again.stdout
 
 
+def infer_patched(root, out, patch, *extra, popen=False):
+    """infer.py with ``patch`` (Python source, run first) applied."""
+    code = f"import os, sys, time, torch\nfrom epsdist import infer\n{patch}\n" \
+           "sys.exit(infer.main(sys.argv[1:]))\n"
+    cmd = [sys.executable, "-c", code, "--config", CONFIG, "--checkpoint",
+           str(root / "export" / "model.pt"), "--shards", str(root / "shards"), "--out", str(out),
+           *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    if popen:
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_failed_write_stops_the_run_naming_the_file(setup, tmp_path):
+    """The disk fills up while one mask is written (in a writer thread): exit 1, the error
+    names the file, no summary claims the masks were made."""
+    root, _ = setup
+    key = sorted(s["__key__"] for s in samples(root))[4]
+    patch = ("from epsdist import infer_outputs\n"
+             "real = infer_outputs.atomic_write_bytes\n"
+             "def full(path, data):\n"
+             f"    if path.endswith(os.path.join('masks', {key!r} + '.png')):\n"
+             "        raise OSError(28, 'No space left on device')\n"
+             "    real(path, data)\n"
+             "infer_outputs.atomic_write_bytes = full\n")
+    res = infer_patched(root, tmp_path / "out", patch, "--no-shards")
+    assert res.returncode == 1, res.stderr[-3000:]
+    line = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert line and os.path.join("masks", f"{key}.png") in line[0], res.stderr[-3000:]
+    assert "No space left on device" in line[0]
+    assert "pseudo-masks:" not in res.stdout
+    assert not (tmp_path / "out" / "masks" / f"{key}.png").exists()
+
+
+def gone(proc) -> bool:
+    import psutil
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_leaves_no_worker_behind_and_the_rerun_resumes(setup, tmp_path, signum):
+    """SIGTERM / Ctrl-C in the middle of a run (2 decode workers, inference slowed down): the
+    process exits through its cleanup (143 for SIGTERM), its decode workers are gone, no
+    temporary file is left, and a rerun writes only the missing masks."""
+    import psutil
+    root, _ = setup
+    n = len(list(samples(root)))
+    slow = ("from epsdist import infer_pipeline\n"
+            "real = infer_pipeline.infer_group\n"
+            "def slow(*a):\n"
+            "    time.sleep(1.0)\n"
+            "    return real(*a)\n"
+            "infer_pipeline.infer_group = slow\n")
+    out = tmp_path / "out"
+    proc = infer_patched(root, out, slow, "--no-shards", "infer.batch_images=1",
+                         "infer.workers=2", popen=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "masks").is_dir() or not list((out / "masks").glob("*.png")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (143 if signum == signal.SIGTERM else -signal.SIGINT), err[-3000:]
+    deadline = time.time() + 30
+    while not all(gone(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert all(gone(w) for w in workers)
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert all(m.endswith(".png") and not m.startswith(".") for m in masks), masks
+    assert 1 <= len(masks) < n
+    again = infer(root, out, "--no-shards")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{n - len(masks)} written, {len(masks)} already there, 0 skipped" in again.stdout
+
+
 def test_working_resolution_bounds_every_view(setup, tmp_path):
     from epsdist.config import InferConfig
     from epsdist.infer_guard import working_size
-    from epsdist_kernels.cam_post import cam_to_mask
-    from epsdist import infer as infer_mod
-    import argparse
+    from epsdist.infer_outputs import write_outputs
+    from epsdist.infer_pipeline import Job, decode_sample, infer_group
     root, model = setup
     assert working_size(6000, 8000, 1024) == (768, 1024)
     assert working_size(375, 500, 1024) == (375, 500)
@@ -223,14 +310,14 @@ def test_working_resolution_bounds_every_view(setup, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(buf, format="JPEG")
     sample = {"__key__": "big", "jpg": buf.getvalue(), "cls.json": b"[1,0,1,0]"}
-    dirs = {d: str(tmp_path / d) for d in ("masks", "cams", "panels")}
-    for d in dirs.values():
+    job = Job("", {}, str(tmp_path), InferConfig(max_side=64, impl="torch"), cams=True, panels=1)
+    for d in job.dirs.values():
         os.makedirs(d)
-    icfg = InferConfig(max_side=64, impl="torch")
-    assert infer_mod.infer_sample(Recording().eval(), sample, "big", icfg, True, 4, dirs,
-                                  argparse.Namespace(cams=True), True, cam_to_mask,
-                                  torch.device("cpu"))
-    assert seen and max(max(s) for s in seen) <= 64 * max(icfg.scales)
+    item = decode_sample(sample, 0, job)
+    assert item.status == "ok" and tuple(item.image.shape) == (43, 64, 3)
+    (result,) = infer_group(Recording().eval(), [item], job)
+    write_outputs(item, result, job.dirs, cams=True)
+    assert seen and max(max(s) for s in seen) <= 64 * max(job.icfg.scales)
     assert np.asarray(Image.open(tmp_path / "masks" / "big.png")).shape == (200, 300)
     cams = np.load(tmp_path / "cams" / "big.npz")
     assert cams["cams"].shape == (2, 200, 300)

@@ -23,10 +23,12 @@ would start past it is skipped and listed):
 3. ``train`` -- one stage-1 training step (fused loss, SGD with the four parameter groups) of
    ResNet-38-EPS at VOC size (B=8, 448²) and COCO size (B=16, 321²) in img/s: fp32, bf16,
    bf16 + channels_last.
-4. ``masks`` -- the pseudo-mask step per VOC-sized (375x500) and COCO-sized (480x640) image:
-   4 scales x 2 flips through ``epsdist.cams.view_maps`` as inference batches them, then
-   ``cam_to_mask``; the same with 4 images per forward (``speed.batched_view_maps``, a
-   candidate fast path for ``infer.py``); and the CPU's JPEG decode / PNG encode per image.
+4. ``masks`` -- the pseudo-mask step per VOC-sized (375x500) and COCO-sized (480x640) image
+   through infer.py's own function (``epsdist.infer_pipeline.group_masks``): 4 scales x 2
+   flips, one forward per scale, then ``cam_to_mask``; one image per forward
+   (``infer.batch_images=1``) and infer.py's default (4 images per forward, 3 at COCO size,
+   where ``infer.max_side ** 2`` pixels cap a group); and the CPU's JPEG decode / PNG encode
+   per image (infer.py overlaps them with the network).
 5. ``compile`` -- every ``torch.compile`` row, last because compiling takes long: the
    ``train.compile`` step rows (bf16 + channels_last + torch.compile), the ``infer.compile``
    pseudo-mask rows (ResNet-38: ~1 minute each), then the loss reference compiled (with

@@ -1,8 +1,8 @@
 """Speed, side by side in one run: the EPS loss fwd+bwd (fused vs eager reference vs
 torch.compile of it, against the bytes floor at the card's copy bandwidth), one stage-1 training
 step in img/s (fp32, bf16, bf16 + channels_last, + train.compile) and the pseudo-mask step per
-image (multi-scale + flip views as ``epsdist.cams.view_maps`` batches them, then
-``cam_to_mask``).
+image (``epsdist.infer_pipeline.group_masks``, what infer.py runs: multi-scale + flip views of
+one or several same-size images per forward, then ``cam_to_mask``).
 
 Timing: the loss through ``epsdist_kernels.bench.time_fn`` (CUDA: ``triton.testing.do_bench``,
 median); training steps and pseudo-masks as wall time over several steps/images between two
@@ -131,41 +131,24 @@ def train_row(plan, key, variant, device, log):
                 peak_gib=peak)
 
 
-GROUP = 4                 # images per forward in the 'batched' pseudo-mask variant
-
-
-@torch.no_grad()
-def batched_view_maps(model, images: torch.Tensor, scales):
-    """``epsdist.cams.view_maps`` for N same-size images (N, 3, H, W) in one forward per scale
-    (2N views with the flips): the candidate fast path "batch the views of several images",
-    measured here before ``infer.py`` gets it. Returns [(views, flips)] per image, in
-    ``view_maps``' order."""
-    from epsdist.data.augment import normalize_images, resize_bicubic
-    N, _, H, W = images.shape
-    cuda = images.device.type == "cuda"
-    per = [([], []) for _ in range(N)]
-    for s in scales:                    # uint8 images, resized and normalised as view_maps does
-        x = normalize_images(resize_bicubic(images, (max(1, round(H * s)), max(1, round(W * s)))))
-        x = torch.cat([x, x.flip(-1)])
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = torch.softmax(model(x).float(), dim=1)         # fp32, as infer.precision's default
-        for i in range(N):
-            per[i][0].extend([out[i], out[N + i]])
-            per[i][1].extend([False, True])
-    return per
-
-
 def mask_row(plan, key, variant, device, log):
-    """ms per image of the pseudo-mask step: ``epsdist.cams.view_maps`` (scales x 2 flips, one
-    forward per scale with its flip) + ``cam_to_mask`` (fused on CUDA) + the mask to the host,
-    as ``epsdist/infer.py`` does per image. Image decode and PNG encode are CPU work, timed
-    apart (``cpu_io_row``). ``variant``: 'eager', 'compile' (infer.compile) or 'batched'
-    (eager, GROUP images per forward: ``batched_view_maps``)."""
-    from epsdist.cams import view_maps
-    from epsdist_kernels.cam_post import cam_to_mask
+    """ms per image of the pseudo-mask step as ``epsdist/infer.py`` runs it, through the same
+    function (``epsdist.infer_pipeline.group_masks``): the decoded uint8 images (pinned on CUDA)
+    copied to the device, the views of a group of same-size images through the network (scales
+    x 2 flips, one forward per scale), ``cam_to_mask`` per image (fused on CUDA), the masks to
+    the host. JPEG decode and PNG encode are CPU work, timed apart (``cpu_io_row``; infer.py
+    overlaps them with the network: decode workers, writer threads). ``variant``: 'eager' (one
+    image per forward, ``infer.batch_images=1``), 'batched' (infer.py's default
+    ``infer.batch_images``, as ``infer_pipeline.group_size`` caps it for the size) or
+    'compile' (the same with ``infer.compile``)."""
+    from epsdist.config import InferConfig
+    from epsdist.infer_pipeline import group_masks, group_size
     size = plan.mask_sizes[key]
     out_size = (size.height, size.width)
+    icfg = InferConfig(scales=tuple(plan.scales), flip=True)
+    if variant == "eager":
+        icfg.batch_images = 1
+    group = min(group_size(*out_size, icfg), plan.mask_images)
     cudnn = torch.backends.cudnn
     saved = cudnn.benchmark
     cudnn.benchmark = True
@@ -176,23 +159,21 @@ def mask_row(plan, key, variant, device, log):
         net = (torch.compile(model, backend=plan.compile_backend) if variant == "compile"
                else model)
         g = torch.Generator().manual_seed(3)
-        group = min(GROUP, plan.mask_images) if variant == "batched" else 1
         n_warm = group if plan.smoke else 2 * group
-        images = torch.randint(0, 256, (n_warm + plan.mask_images, 3, *out_size), generator=g,
-                               dtype=torch.uint8).to(device)            # decoded JPEGs: uint8
+        images = torch.randint(0, 256, (n_warm + plan.mask_images, *out_size, 3), generator=g,
+                               dtype=torch.uint8)            # decoded JPEGs: uint8 on the host
+        if device.type == "cuda":
+            images = images.pin_memory()                    # as infer.py's DataLoader gives them
         labels = torch.zeros(size.classes)
         labels[torch.randperm(size.classes, generator=g)[:size.labelled]] = 1.0
 
-        def masks_of(x):                         # x: (n, 3, H, W) -> n host masks
-            if variant == "batched":
-                per = batched_view_maps(net, x, plan.scales)
-            else:
-                per = [view_maps(net, x[i:i + 1], plan.scales, True, True)
-                       for i in range(len(x))]
-            return [cam_to_mask(v, f, labels, out_size, 0.2).mask.cpu() for v, f in per]
+        def masks_of(m, xs, icfg):                          # xs: n (H, W, 3) -> n host masks
+            return [r[0] for r in group_masks(m, list(xs), [labels] * len(xs), icfg, True,
+                                              device, need_norm=False)]
 
         def run_all(xs):
-            return [m for i in range(0, len(xs), group) for m in masks_of(xs[i:i + group])]
+            return [mk for i in range(0, len(xs), group)
+                    for mk in masks_of(net, xs[i:i + group], icfg)]
 
         t0 = time.perf_counter()
         run_all(images[:n_warm])
@@ -204,18 +185,19 @@ def mask_row(plan, key, variant, device, log):
         elapsed = time.perf_counter() - t0
         assert len(masks) == plan.mask_images and masks[-1].shape == out_size
         agree = None
-        if variant != "eager":           # the same first image through infer.py's eager path
-            v, f = view_maps(model, images[n_warm:n_warm + 1], plan.scales, True, True)
-            ref = cam_to_mask(v, f, labels, out_size, 0.2).mask.cpu()
-            agree = float((ref == masks[0]).double().mean())
+        if variant != "eager":           # the same first image, one image per forward, eager
+            one = InferConfig(scales=tuple(plan.scales), flip=True, batch_images=1)
+            ref = masks_of(model, images[n_warm:n_warm + 1], one)[0]
+            agree = float((ref == masks[0]).mean())
     finally:
         cudnn.benchmark = saved
         model = net = images = None
         W.free_memory()
     ms = 1e3 * elapsed / plan.mask_images
     log(f"    {key} {size.height}x{size.width} {variant:<8} {ms:9.2f} ms/image "
-        f"(warm-up {warm_s:.1f} s" + (f"; mask pixels equal to eager's: {100 * agree:.3f} %"
-                                      if agree is not None else "") + ")")
+        f"({group} per forward; warm-up {warm_s:.1f} s"
+        + (f"; mask pixels equal to eager's: {100 * agree:.3f} %" if agree is not None else "")
+        + ")")
     return dict(size=key, variant=variant, height=size.height, width=size.width,
                 classes=size.classes, labelled=size.labelled, views=2 * len(plan.scales),
                 images_per_forward=group, ms_per_image=ms, warmup_s=warm_s,
