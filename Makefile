@@ -24,9 +24,10 @@ env: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	@# a new environment takes ~6 GiB (torch with its CUDA libraries): say so before pip fails
-	@test -x $(PY) || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	  test "$$free" -ge 8 || { echo "make env: a new $(VENV) needs about 7 GiB of disk;" \
-	    "only $$free GiB free here" >&2; exit 1; }; }
+	@test -x $(PY) || { dir=$$(dirname $(VENV)); \
+	  free=$$(df -Pk "$$dir" 2>/dev/null | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  test -z "$$free" || test "$$free" -ge 8 || { echo "make env: a new $(VENV) needs about" \
+	    "7 GiB of disk; only $$free GiB free in $$dir" >&2; exit 1; }; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	# torch first: deepspeed's build needs it, and this pins the verified CUDA build
