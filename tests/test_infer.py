@@ -215,8 +215,11 @@ def infer_patched(root, out, patch, *extra, popen=False):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     if popen:
+        # a shell without job control starts background jobs with SIGINT ignored, and Python
+        # keeps an ignored SIGINT: give the child the default, as a terminal would
         return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -5,6 +5,7 @@ import io
 import os
 import tarfile
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -168,11 +169,18 @@ def test_batched_run_writes_the_same_files_and_a_bad_image_is_a_named_skip(
     assert again == {"written": 0, "existing": len(SIZES) - 1, "skipped": 1} and not batches
 
 
-def leftovers(before_threads, before_children):
-    threads = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()]
-    children = [p for p in psutil.Process().children(recursive=True)
-                if p.pid not in before_children and p.status() != psutil.STATUS_ZOMBIE]
-    return threads, children
+def leftovers(before_threads, before_children, grace_s=5.0):
+    """Threads and child processes started since ``before_*`` that are still running after
+    ``grace_s``: a DataLoader's queue feeder threads end by themselves just after its workers
+    are shut down (multiprocessing does not join them), so they get a few seconds."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        threads = [t for t in threading.enumerate() if t not in before_threads and t.is_alive()]
+        children = [p for p in psutil.Process().children(recursive=True)
+                    if p.pid not in before_children and p.status() != psutil.STATUS_ZOMBIE]
+        if not (threads or children) or time.monotonic() > deadline:
+            return threads, children
+        time.sleep(0.05)
 
 
 def test_a_failed_write_raises_and_nothing_is_left_running(model, shards, tmp_path,
