@@ -93,6 +93,16 @@ def read_tar(path):
     return samples
 
 
+def write_tar(path, samples):
+    """The inverse of ``read_tar``: [(key, {field: bytes})] as the members of a new tar."""
+    with tarfile.open(path, "w") as t:
+        for key, fields in samples:
+            for field, data in fields.items():
+                ti = tarfile.TarInfo(f"{key}.{field}")
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+
+
 def read_all(out):
     m = mf.read_manifest(str(out))
     samples = []
@@ -424,11 +434,7 @@ def test_verify_problems_name_key(good_out):
     (key, fields), = read_tar(p)
     fields["cls.json"] = b"[1, 0]"
     fields["sal.png"] = shard._encode_png(np.zeros((3, 3), np.uint8))
-    with tarfile.open(p, "w") as t:
-        for field, data in fields.items():
-            ti = tarfile.TarInfo(f"{key}.{field}")
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
+    write_tar(p, [(key, fields)])
     m["shards"][2]["sha256"] = mf.sha256_file(str(p))
     (good_out / "train-000000.tar").rename(good_out / "copy.tar")
     shutil.copy(good_out / "train-000001.tar", good_out / "train-000000.tar")
@@ -711,11 +717,7 @@ def test_verify_names_empty_and_foreign_members_plainly(good_out):
     p = good_out / "train-000002.tar"
     (key, fields), = read_tar(p)
     fields["sal.png"], fields["jpg"] = b"", b"%PDF-1.4 not an image"
-    with tarfile.open(p, "w") as t:
-        for field, data in fields.items():
-            ti = tarfile.TarInfo(f"{key}.{field}")
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
+    write_tar(p, [(key, fields)])
     m["shards"][2]["sha256"] = mf.sha256_file(str(p))
     mf.write_manifest(str(good_out), m)
     problems = verify.verify(str(good_out))
