@@ -23,3 +23,20 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def _synthetic_train_shards(root) -> None:
+    """160 synthetic 96 px training images under ``root/data``, written as shards of 40 into
+    ``root/shards`` by the shard writer: the small data set the two-rank training tests use."""
+    from epsdist.data import shard, synthetic
+    synthetic.generate(str(root / "data"), 160, 0, seed=0, size=96, workers=1, progress=False)
+    summary = shard.shard_voc(str(root / "data"), str(root / "data" / "saliency"),
+                              str(root / "shards"), split="train", shard_size=40,
+                              log=lambda *a: None)
+    assert summary["exit_code"] == 0
+
+
+@pytest.fixture(scope="session")
+def make_train_shards():
+    """``make_train_shards(root)``: see ``_synthetic_train_shards``."""
+    return _synthetic_train_shards

@@ -320,15 +320,10 @@ def test_s3_form_against_a_local_s3_server(shards, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- two ranks
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
+def written(tmp_path_factory, make_train_shards):
     """Shards made by the writer (python -m epsdist.data.shard) from the synthetic set."""
-    from epsdist.data import shard, synthetic
     root = tmp_path_factory.mktemp("remote_train")
-    synthetic.generate(str(root / "data"), 160, 0, seed=0, size=96, workers=1, progress=False)
-    summary = shard.shard_voc(str(root / "data"), str(root / "data" / "saliency"),
-                              str(root / "shards"), split="train", shard_size=40,
-                              log=lambda *a: None)
-    assert summary["exit_code"] == 0
+    make_train_shards(root)
     return root
 
 

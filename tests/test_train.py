@@ -15,7 +15,7 @@ from epsdist import dist as D
 from epsdist.dist import free_port
 from epsdist.checkpoint import Checkpointer, CheckpointError, refuse_unsafe_pickles
 from epsdist.config import ConfigError, load_config
-from epsdist.data import shard, synthetic
+from epsdist.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "epsdist", "train.py")
@@ -46,13 +46,9 @@ def metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(tmp_path_factory, make_train_shards):
     root = tmp_path_factory.mktemp("train")
-    synthetic.generate(str(root / "data"), 160, 0, seed=0, size=96, workers=1, progress=False)
-    summary = shard.shard_voc(str(root / "data"), str(root / "data" / "saliency"),
-                              str(root / "shards"), split="train", shard_size=40,
-                              log=lambda *a: None)
-    assert summary["exit_code"] == 0
+    make_train_shards(root)
     return root
 
 
